@@ -1,0 +1,3 @@
+from chemlit.cli import main
+
+main()

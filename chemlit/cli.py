@@ -1,0 +1,53 @@
+"""``python -m chemlit fit|validate|test|predict --config configs/...yaml``
+
+A LightningCLI: each stage module's typed ``__init__`` arguments become the ``model:`` block of
+the config, RationaleDataModule's become ``data:``, and their docstrings become ``--help``.
+``--print_config`` prints a full, runnable config; the config used is saved beside the logs.
+
+Problems with the user's data end the program with one line on stderr and exit code 2, no
+traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+from lightning.pytorch.cli import LightningCLI
+
+from chemlit.data.datamodule import RationaleDataModule
+from chemlit.data.records import DataError
+from chemlit.stages.base import StageModule
+
+
+def quiet_known_noise() -> None:
+    """Warnings that say nothing actionable to a chemlit user (each checked on this stack)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+    logging.getLogger("chemlit").setLevel(logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+
+
+class ChemlitCLI(LightningCLI):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(StageModule, RationaleDataModule, *args, subclass_mode_model=True, **kwargs)
+
+
+def main(args: list[str] | None = None) -> None:
+    quiet_known_noise()
+    try:
+        ChemlitCLI(args=args)
+    except DataError as err:
+        print(f"chemlit: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""RationaleDataModule: table -> records -> split -> prompts -> token batches, for every stage.
+
+``stage`` picks what the batches hold:
+
+* ``cpt``: packed raw text (molecule descriptions and rationales, no target values) in blocks;
+* ``sft``: prompt + completion with labels masked (-100) on the prompt and the padding, plus the
+  prompt alone, left-padded, for generation in validation/test;
+* ``rl``:  left-padded prompts plus their measured targets.
+
+The tokenizer comes from the stage's model (``datamodule.tokenizer`` is set by the stage in its
+``setup``), so one table serves any model. All padding is done here by hand, not by the tokenizer,
+so that padding sides cannot silently change (see DESIGN.md's traps): training batches are
+right-padded, generation prompts are left-padded, and lengths are rounded up to
+``pad_to_multiple_of`` (8 suits fp16 tensor cores and 8-bit kernels).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from chemlit.data.prompts import render_completion, render_prompt
+from chemlit.data.rationale import write_rationale
+from chemlit.data.records import ColumnMap, OnInvalid, Record, Skipped, read_table
+from chemlit.data.sources import ensure_melting_points
+from chemlit.data.splits import SplitKind, make_split, read_split, write_split
+
+log = logging.getLogger(__name__)
+
+Stage = Literal["cpt", "sft", "rl"]
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    smiles: str
+    prompt: str
+    completion: str
+    target: Optional[float]
+    name: str = ""
+
+
+def _round_up(n: int, multiple: Optional[int]) -> int:
+    return n if not multiple else -(-n // multiple) * multiple
+
+
+def pad_right(sequences: list[list[int]], value: int, multiple: Optional[int]) -> torch.Tensor:
+    width = _round_up(max(len(s) for s in sequences), multiple)
+    return torch.tensor([s + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
+
+
+def pad_left(sequences: list[list[int]], value: int, multiple: Optional[int]) -> torch.Tensor:
+    width = _round_up(max(len(s) for s in sequences), multiple)
+    return torch.tensor([[value] * (width - len(s)) + s for s in sequences], dtype=torch.long)
+
+
+def cpt_text(record: Record, rationale: str) -> str:
+    """Continued-pre-training text for a molecule: what it is and why it behaves so; no value."""
+    who = f"{record.name} ({record.smiles})" if record.name else record.smiles
+    return f"Molecule: {who}\n{rationale}"
+
+
+class RationaleDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        table: str = "builtin",
+        columns: ColumnMap = ColumnMap(),
+        on_invalid: OnInvalid = "error",
+        duplicate_tolerance_c: float = 5.0,
+        stage: Stage = "sft",
+        split: SplitKind = "random",
+        split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+        split_file: Optional[str] = None,
+        seed: int = 0,
+        max_molecules: Optional[int] = None,
+        use_rationale: bool = True,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        max_length: int = 320,
+        pad_to_multiple_of: Optional[int] = None,
+        num_workers: int = 0,
+        run_dir: Optional[str] = None,
+    ):
+        """
+        Args:
+            table: "builtin" (melting points from the `chemicals` package, built once and cached)
+                or a path to a CSV / TSV / JSONL / Parquet file or a Hugging Face datasets directory.
+            columns: which column holds SMILES, target, rationale and name, and the target's unit;
+                left empty, columns are found by their usual names (smiles, mpC, Reason, name...).
+            on_invalid: "error" stops at the first bad row with a one-line message; "skip" drops bad
+                rows, counts them, and writes them to skipped_rows.csv in the run directory.
+            duplicate_tolerance_c: duplicates of a molecule whose values differ by more than this
+                (°C) are a conflict; closer ones are merged into their mean.
+            stage: what batches hold: cpt (packed text), sft (prompt+completion), rl (prompts+targets).
+            split: "random" or "scaffold" (Bemis-Murcko groups never cross splits).
+            split_fractions: train, val, test shares.
+            split_file: a splits.csv from an earlier run; overrides split/split_fractions/seed so every
+                stage sees the same molecules. Molecules not in the file are left out.
+            seed: seed of the split and of subsampling.
+            max_molecules: use a seeded random subset of this many molecules (quick runs, tests).
+            use_rationale: False trains the answer straight after the prompt (the rationale ablation).
+            batch_size: training batch size.
+            eval_batch_size: batch size for validation, test and predict (generation).
+            max_length: longest training sequence in tokens; longer ones are truncated at the end.
+            pad_to_multiple_of: round padded lengths up to this (8 for fp16 / 8-bit on GPU).
+            num_workers: DataLoader workers.
+            run_dir: where splits.csv, skipped_rows.csv and data_summary.json go; by default the
+                trainer's log directory.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.table = table
+        self.columns = columns or ColumnMap()
+        self.on_invalid = on_invalid
+        self.duplicate_tolerance_c = duplicate_tolerance_c
+        self.stage = stage
+        self.split = split
+        self.split_fractions = tuple(split_fractions)
+        self.split_file = split_file
+        self.seed = seed
+        self.max_molecules = max_molecules
+        self.use_rationale = use_rationale
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.max_length = max_length
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.num_workers = num_workers
+        self.run_dir = run_dir
+        self.tokenizer = None  # set by the stage module in its setup()
+        self.records: dict[str, list[Record]] = {}
+        self.skipped: list[Skipped] = []
+        self._rationales: dict[str, str] = {}
+
+    # ----------------------------------------------------------------------------- loading
+    def prepare_data(self) -> None:
+        if self.table == "builtin":
+            ensure_melting_points()
+
+    def table_path(self) -> Path:
+        return ensure_melting_points() if self.table == "builtin" else Path(self.table)
+
+    def output_dir(self) -> Path:
+        if self.run_dir:
+            return Path(self.run_dir)
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.log_dir:
+            return Path(trainer.log_dir)
+        return Path.cwd()
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.records:
+            return
+        records, self.skipped = read_table(self.table_path(), self.columns, self.on_invalid,
+                                           duplicate_tolerance_c=self.duplicate_tolerance_c)
+        if self.max_molecules is not None and len(records) > self.max_molecules:
+            records = random.Random(self.seed).sample(sorted(records, key=lambda r: r.smiles), self.max_molecules)
+        by_smiles = {r.smiles: r for r in records}
+        if self.split_file:
+            assignment = read_split(self.split_file)
+            missing = sum(1 for s in assignment if s not in by_smiles)
+            if missing:
+                log.warning("%d molecules of %s are not in the table", missing, self.split_file)
+        else:
+            assignment = make_split(list(by_smiles), self.split, self.split_fractions, self.seed)
+        self.records = {name: [] for name in ("train", "val", "test")}
+        for smiles in sorted(by_smiles):
+            if smiles in assignment:
+                self.records[assignment[smiles]].append(by_smiles[smiles])
+        self._write_run_files(assignment)
+
+    def _write_run_files(self, assignment: dict[str, str]) -> None:
+        if self.trainer is not None and not self.trainer.is_global_zero:
+            return
+        out = self.output_dir()
+        out.mkdir(parents=True, exist_ok=True)
+        write_split(assignment, out / "splits.csv")
+        if self.skipped:
+            with open(out / "skipped_rows.csv", "w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["file", "row", "problem"])
+                writer.writerows((s.file, s.row, s.problem) for s in self.skipped)
+            log.warning("Skipped %d invalid rows of %s; see %s", len(self.skipped), self.table,
+                        out / "skipped_rows.csv")
+        (out / "data_summary.json").write_text(json.dumps(self.summary(), indent=2) + "\n")
+
+    def summary(self) -> dict:
+        """Counts and target statistics per split: look at the data before training on it."""
+        out = {"table": str(self.table), "skipped_rows": len(self.skipped), "splits": {}}
+        for name, records in self.records.items():
+            values = sorted(r.target for r in records if r.target is not None)
+            stats = {"molecules": len(records)}
+            if values:
+                stats.update(mean=round(statistics.fmean(values), 2), median=round(statistics.median(values), 2),
+                             min=values[0], max=values[-1],
+                             std=round(statistics.pstdev(values), 2))
+            out["splits"][name] = stats
+        return out
+
+    # ----------------------------------------------------------------------------- text
+    def rationale(self, record: Record) -> str:
+        """The table's own rationale if it has one, else the structure-only writer's (cached)."""
+        if record.rationale:
+            return record.rationale
+        if record.smiles not in self._rationales:
+            self._rationales[record.smiles] = write_rationale(record.smiles)
+        return self._rationales[record.smiles]
+
+    def example(self, record: Record) -> Example:
+        rationale = self.rationale(record) if self.use_rationale else None
+        return Example(record.smiles, render_prompt(record.smiles), render_completion(rationale, record.target),
+                       record.target, record.name)
+
+    def examples(self, split: str) -> list[Example]:
+        return [self.example(r) for r in self.records[split]]
+
+    def tokenizer_corpus(self) -> list[str]:
+        """Texts a from-scratch tokenizer is trained on: the training split only."""
+        texts = []
+        for record in self.records["train"]:
+            ex = self.example(record)
+            texts.append(ex.prompt + ex.completion)
+            texts.append(cpt_text(record, self.rationale(record)))
+        return texts
+
+    # ----------------------------------------------------------------------------- batches
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise RuntimeError("RationaleDataModule.tokenizer is not set: a stage module sets it in setup()")
+        return self.tokenizer
+
+    def _encode(self, text: str) -> list[int]:
+        return self._require_tokenizer()(text, add_special_tokens=False)["input_ids"]
+
+    def collate_sft(self, examples: list[Example]) -> dict:
+        tok = self._require_tokenizer()
+        full, labels, prompts = [], [], []
+        for ex in examples:
+            prompt = [tok.bos_token_id] + self._encode(ex.prompt)
+            completion = self._encode(ex.completion) + [tok.eos_token_id]
+            full.append((prompt + completion)[: self.max_length])
+            labels.append(([IGNORE_INDEX] * len(prompt) + completion)[: self.max_length])
+            prompts.append(prompt)
+        input_ids = pad_right(full, tok.pad_token_id, self.pad_to_multiple_of)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": pad_right([[1] * len(s) for s in full], 0, self.pad_to_multiple_of),
+            "labels": pad_right(labels, IGNORE_INDEX, self.pad_to_multiple_of),
+            **self._prompt_batch(examples, prompts),
+        }
+
+    def _prompt_batch(self, examples: list[Example], prompts: list[list[int]]) -> dict:
+        tok = self._require_tokenizer()
+        return {
+            "prompt_ids": pad_left(prompts, tok.pad_token_id, self.pad_to_multiple_of),
+            "prompt_mask": pad_left([[1] * len(p) for p in prompts], 0, self.pad_to_multiple_of),
+            "targets": torch.tensor([float("nan") if ex.target is None else ex.target for ex in examples]),
+            "smiles": [ex.smiles for ex in examples],
+        }
+
+    def collate_rl(self, examples: list[Example]) -> dict:
+        tok = self._require_tokenizer()
+        return self._prompt_batch(examples, [[tok.bos_token_id] + self._encode(ex.prompt) for ex in examples])
+
+    def packed_blocks(self, split: str) -> torch.Tensor:
+        """CPT: all texts of a split joined with EOS and cut into (N, max_length) blocks."""
+        tok = self._require_tokenizer()
+        stream: list[int] = []
+        for record in self.records[split]:
+            stream += [tok.bos_token_id] + self._encode(cpt_text(record, self.rationale(record))) + [tok.eos_token_id]
+        n_blocks = max(len(stream) // self.max_length, 1)
+        stream = stream[: n_blocks * self.max_length] + [tok.pad_token_id] * max(0, self.max_length - len(stream))
+        return torch.tensor(stream, dtype=torch.long).view(n_blocks, self.max_length)
+
+    def collate_cpt(self, blocks: list[torch.Tensor]) -> dict:
+        input_ids = torch.stack(blocks)
+        # Padding appears only when a split holds less than one block of text.
+        real = input_ids != self._require_tokenizer().pad_token_id
+        return {"input_ids": input_ids, "attention_mask": real.long(),
+                "labels": input_ids.masked_fill(~real, IGNORE_INDEX)}
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        batch_size = self.batch_size if train else self.eval_batch_size
+        if self.stage == "cpt":
+            data, collate = list(self.packed_blocks(split)), self.collate_cpt
+        else:
+            data = self.examples(split)
+            collate = self.collate_sft if self.stage == "sft" else self.collate_rl
+        return DataLoader(data, batch_size=batch_size, shuffle=train, collate_fn=collate,
+                          num_workers=self.num_workers, drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)

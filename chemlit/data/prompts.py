@@ -1,0 +1,111 @@
+"""The one prompt template, and the parser that reads a number back out of a generation.
+
+Every stage meets the text through these functions only:
+
+    Molecule: CC(=O)Oc1ccccc1C(=O)O
+    Question: What is the melting point in °C?
+    Rationale: <rationale text>
+    ##Prediction: 136
+
+``render_prompt`` gives everything up to and including ``Rationale:``; ``render_completion`` gives
+the rest (rationale, answer line, nothing else). The model learns to write the completion; the
+parser only ever trusts the number after ``##Prediction:``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Optional
+
+ANSWER_MARKER = "##Prediction:"
+QUESTION = "What is the melting point in °C?"
+
+#: What ``parse_prediction`` returns when the text holds no usable number.
+NO_NUMBER = None
+
+
+def render_prompt(smiles: str) -> str:
+    """The part the model is given: molecule and question, ending where the rationale starts."""
+    return f"Molecule: {smiles}\nQuestion: {QUESTION}\nRationale:"
+
+
+def format_value(value: float) -> str:
+    """Targets are written as whole degrees: the measurement error of melting points is larger."""
+    rounded = int(round(value))
+    return str(rounded)
+
+
+def render_completion(rationale: Optional[str], value: Optional[float]) -> str:
+    """The part the model writes. ``value=None`` gives the completion without the answer line."""
+    text = f" {rationale.strip()}" if rationale else ""
+    text += f"\n{ANSWER_MARKER}"
+    if value is not None:
+        text += f" {format_value(value)}"
+    return text
+
+
+def render(smiles: str, rationale: Optional[str], value: Optional[float]) -> str:
+    """Prompt and completion as one text (what SFT trains on)."""
+    return render_prompt(smiles) + render_completion(rationale, value)
+
+
+# A number: optional sign (ASCII or Unicode minus), digits with optional decimals and exponent. A
+# decimal comma is not accepted: '1,234' is ambiguous.
+_NUMBER = r"[-+\u2212]?\s*(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?"
+# A range such as "120-125", "120 – 125" or "120 to 125": chemists often report melting ranges.
+_RANGE = re.compile(
+    rf"(?P<low>{_NUMBER})\s*(?:-|\u2013|\u2014|to)\s*(?P<high>\d+(?:\.\d+)?)"
+)
+_SINGLE = re.compile(rf"(?P<value>{_NUMBER})")
+_UNIT = re.compile(r"\s*(?P<unit>°\s*[CFK]|º\s*[CFK]|deg(?:rees)?\s*[CFK]?|K\b|C\b|F\b|kelvin|celsius|fahrenheit)", re.I)
+
+
+def _to_float(text: str) -> float:
+    return float(text.replace("\u2212", "-").replace(" ", ""))
+
+
+def _to_celsius(value: float, unit: Optional[str]) -> float:
+    if not unit:
+        return value
+    unit = unit.lower().replace(" ", "").replace("º", "°")
+    if unit in ("k", "°k", "kelvin", "degk", "degreesk"):
+        return value - 273.15
+    if unit in ("°f", "f", "fahrenheit", "degf", "degreesf"):
+        return (value - 32.0) * 5.0 / 9.0
+    return value
+
+
+def parse_prediction(text: str) -> Optional[float]:
+    """Read the predicted melting point (°C) from a generation; never raises.
+
+    Only the text after the last ``##Prediction:`` counts (numbers in the rationale, such as "2
+    rings", are never taken for the answer). After the marker, the first number is the answer; a
+    range "120-125" gives its midpoint; a unit of K or °F is converted to °C. Returns
+    ``NO_NUMBER`` (None) when there is no marker, no number after it, or the number is not finite.
+    """
+    if not isinstance(text, str):
+        return NO_NUMBER
+    head, marker, tail = text.rpartition(ANSWER_MARKER)
+    if not marker:
+        return NO_NUMBER
+    tail = tail.lstrip(" \t\n").split("\n", 1)[0]  # the answer is the first line after the marker
+    match = _RANGE.search(tail)
+    single = _SINGLE.search(tail)
+    if single is None:
+        return NO_NUMBER
+    try:
+        if match is not None and match.start() == single.start():
+            low, high = _to_float(match["low"]), _to_float(match["high"])
+            if low < 0 < high or high < abs(low):
+                # "-20-5" is not a range from -20 to 5 that a chemist writes; take the first number.
+                value, end = low, single.end()
+            else:
+                value, end = (low + high) / 2.0, match.end()
+        else:
+            value, end = _to_float(single["value"]), single.end()
+    except ValueError:
+        return NO_NUMBER
+    unit = _UNIT.match(tail, end)
+    value = _to_celsius(value, unit["unit"] if unit else None)
+    return value if math.isfinite(value) else NO_NUMBER

@@ -1,0 +1,107 @@
+"""What every stage shares: building the model, handing the tokenizer to the data, the optimizer,
+saving the tokenizer in checkpoints, and exporting a Hugging Face directory when training ends."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_only
+from tokenizers import Tokenizer
+
+from chemlit.data.datamodule import IGNORE_INDEX
+from chemlit.data.tokenizer import wrap_tokenizer
+from chemlit.models.factory import ModelSpec, export_model, load_model_and_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting labels[t+1] from position t, over labels != -100.
+
+    A batch with no labelled token (every prompt truncated away) gives 0, not NaN.
+    """
+    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
+    shift_labels = labels[:, 1:]            # (B, T-1)
+    total = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (shift_labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+class StageModule(L.LightningModule):
+    """Base of the CPT, SFT and PPO stages. Subclasses add their steps."""
+
+    stage_name = "base"
+
+    def __init__(self, model: ModelSpec = ModelSpec(), learning_rate: float = 1e-3, weight_decay: float = 0.1,
+                 warmup_steps: int = 100, export_dir: Optional[str] = None):
+        super().__init__()
+        self.model_spec = model or ModelSpec()
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.warmup_steps = warmup_steps
+        self.export_dir = export_dir
+        self.model = None
+        self.tokenizer = None
+
+    # ------------------------------------------------------------------ model and tokenizer
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if self.model is None:
+            self.model, self.tokenizer = load_model_and_tokenizer(self.model_spec, datamodule.tokenizer_corpus)
+            log.info("%s model: %.2fM parameters", self.stage_name,
+                     sum(p.numel() for p in self.model.parameters()) / 1e6)
+        datamodule.tokenizer = self.tokenizer
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A from-scratch tokenizer is trained on the split; keep it with the weights it belongs to.
+        checkpoint["chemlit_tokenizer"] = self.tokenizer.backend_tokenizer.to_str()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "chemlit_tokenizer" in checkpoint and self.model_spec.source == "tiny":
+            self.tokenizer = wrap_tokenizer(Tokenizer.from_str(checkpoint["chemlit_tokenizer"]))
+            if self.trainer is not None and self.trainer.datamodule is not None:
+                self.trainer.datamodule.tokenizer = self.tokenizer
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.ndim < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}],
+                                      lr=self.learning_rate, betas=(0.9, 0.95))
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(self.warmup_steps, total // 10 + 1)
+
+        def schedule(step: int) -> float:
+            # Linear warm-up, then cosine decay to 10% of the peak rate.
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return 0.1 + 0.9 * 0.5 * (1.0 + torch.cos(torch.tensor(progress * torch.pi)).item())
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ export
+    def export_path(self) -> Path:
+        if self.export_dir:
+            return Path(self.export_dir)
+        return Path(self.trainer.log_dir or ".") / "export"
+
+    def export_info(self) -> dict:
+        datamodule = self.trainer.datamodule
+        return {"stage": self.stage_name, "model_source": self.model_spec.source,
+                "base_path": self.model_spec.path, "table": str(datamodule.table),
+                "split_file": str(datamodule.output_dir() / "splits.csv"),
+                "global_step": self.global_step}
+
+    @rank_zero_only
+    def on_fit_end(self) -> None:
+        path = export_model(self.model, self.tokenizer, self.export_path(), self.export_info())
+        log.info("Exported the %s model to %s", self.stage_name, path)
+        print(f"chemlit: exported the {self.stage_name} model to {path}")

@@ -1,0 +1,128 @@
+"""SFT: teach the format prompt -> rationale -> ``##Prediction: <number>``, loss on the answer only.
+
+Validation and test generate an answer for each molecule, parse the number and log MAE, RMSE, R²
+and the parse rate (torchmetrics), plus a few full generations as TensorBoard text.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional
+
+import torch
+
+from chemlit.data.prompts import parse_prediction
+from chemlit.eval.metrics import PredictionMetrics
+from chemlit.models.factory import ModelSpec
+from chemlit.stages.base import StageModule, next_token_loss
+
+Decoding = Literal["greedy", "sample"]
+
+
+class SFTModule(StageModule):
+    stage_name = "sft"
+
+    def __init__(
+        self,
+        model: ModelSpec = ModelSpec(),
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 100,
+        decoding: Decoding = "greedy",
+        temperature: float = 1.0,
+        max_new_tokens: int = 192,
+        val_generate_limit: Optional[int] = 256,
+        log_examples: int = 4,
+        export_dir: Optional[str] = None,
+    ):
+        """
+        Args:
+            model: which model to train and how to load it (see ModelSpec).
+            learning_rate: peak AdamW learning rate (linear warm-up, cosine decay to 10%).
+            weight_decay: AdamW weight decay on matrices (not on norms and biases).
+            warmup_steps: optimizer steps of linear warm-up.
+            decoding: how validation/test/predict generate: greedy, or sample with `temperature`.
+            temperature: sampling temperature when decoding=sample.
+            max_new_tokens: longest generated rationale + answer.
+            val_generate_limit: generate for only the first N validation molecules each epoch
+                (generation is the slow part); None = all. Test always uses all.
+            log_examples: full generations written to TensorBoard as text per validation.
+            export_dir: where the trained model goes; default <log_dir>/export.
+        """
+        super().__init__(model, learning_rate, weight_decay, warmup_steps, export_dir)
+        self.save_hyperparameters()
+        self.decoding = decoding
+        self.temperature = temperature
+        self.max_new_tokens = max_new_tokens
+        self.val_generate_limit = val_generate_limit
+        self.log_examples = log_examples
+        self.val_metrics = PredictionMetrics()
+        self.test_metrics = PredictionMetrics()
+        self._val_generated = 0
+        self._examples: list[str] = []
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = next_token_loss(logits, batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        return loss
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[str]:
+        """Answers for left-padded prompts, decoded after the prompt."""
+        sample = self.decoding == "sample"
+        out = self.model.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=self.max_new_tokens,
+            do_sample=sample, temperature=self.temperature if sample else None,
+            top_k=None, top_p=None,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+        )
+        return self.tokenizer.batch_decode(out[:, prompt_ids.size(1):], skip_special_tokens=True)
+
+    def predict_batch(self, batch: dict) -> tuple[list[str], torch.Tensor]:
+        texts = self.generate(batch["prompt_ids"], batch["prompt_mask"])
+        values = [parse_prediction(t) for t in texts]
+        return texts, torch.tensor([math.nan if v is None else v for v in values], device=self.device)
+
+    # ------------------------------------------------------------------ validation / test
+    def on_validation_epoch_start(self) -> None:
+        self._val_generated = 0
+        self._examples = []
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        batch_size = batch["input_ids"].size(0)
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        self.log("val/loss", next_token_loss(logits, batch["labels"]), prog_bar=True, batch_size=batch_size)
+        if self.val_generate_limit is not None and self._val_generated >= self.val_generate_limit:
+            return
+        texts, values = self.predict_batch(batch)
+        self._val_generated += batch_size
+        self.val_metrics.update(values, batch["targets"])
+        for smiles, text, target in zip(batch["smiles"], texts, batch["targets"].tolist()):
+            if len(self._examples) < self.log_examples:
+                self._examples.append(f"**{smiles}** (measured {target:g} °C)\n\n{text}")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics)
+        experiment = getattr(self.logger, "experiment", None)
+        if self._examples and hasattr(experiment, "add_text"):
+            experiment.add_text("val/generations", "\n\n---\n\n".join(self._examples), self.global_step)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        _, values = self.predict_batch(batch)
+        self.test_metrics.update(values, batch["targets"])
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test", self.test_metrics)
+
+    def _log_metrics(self, prefix: str, metrics: PredictionMetrics) -> None:
+        for name, value in metrics.compute().items():
+            self.log(f"{prefix}/{name}", value, prog_bar=name in ("mae", "parse_rate"))
+        metrics.reset()
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        texts, values = self.predict_batch(batch)
+        return [{"smiles": s, "prediction": v, "rationale": t, "measured": m}
+                for s, v, t, m in zip(batch["smiles"], values.tolist(), texts, batch["targets"].tolist())]
