@@ -152,9 +152,8 @@ class RationaleDataModule(L.LightningDataModule):
     def output_dir(self) -> Path:
         if self.run_dir:
             return Path(self.run_dir)
-        trainer = getattr(self, "_trainer", None)
-        if trainer is not None and trainer.log_dir:
-            return Path(trainer.log_dir)
+        if self.trainer is not None and self.trainer.log_dir:
+            return Path(self.trainer.log_dir)
         return Path.cwd()
 
     def setup(self, stage: Optional[str] = None) -> None:

@@ -7,12 +7,13 @@ and the parse rate (torchmetrics), plus a few full generations as TensorBoard te
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 
 from chemlit.data.prompts import parse_prediction
-from chemlit.eval.metrics import PredictionMetrics
+from chemlit.eval.metrics import PredictionMetrics, write_csv
 from chemlit.models.factory import ModelSpec
 from chemlit.stages.base import StageModule, next_token_loss
 
@@ -122,7 +123,18 @@ class SFTModule(StageModule):
             self.log(f"{prefix}/{name}", value, prog_bar=name in ("mae", "parse_rate"))
         metrics.reset()
 
+    def on_predict_epoch_start(self) -> None:
+        self._predictions: list[dict] = []
+
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         texts, values = self.predict_batch(batch)
-        return [{"smiles": s, "prediction": v, "rationale": t, "measured": m}
+        rows = [{"smiles": s, "prediction": "" if math.isnan(v) else round(v, 1), "rationale": t.strip(),
+                 "measured": "" if math.isnan(m) else m}
                 for s, v, t, m in zip(batch["smiles"], values.tolist(), texts, batch["targets"].tolist())]
+        self._predictions.extend(rows)
+        return rows
+
+    def on_predict_epoch_end(self) -> None:
+        if self.trainer.is_global_zero:
+            path = write_csv(self._predictions, Path(self.trainer.log_dir or ".") / "predictions.csv")
+            print(f"chemlit: wrote {len(self._predictions)} predictions to {path}")

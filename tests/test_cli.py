@@ -1,0 +1,93 @@
+"""Real runs through the CLI: a few steps of `fit`, then validate / test / predict on the result."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from chemlit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "quickstart" / "sft.yaml"
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[float]]:
+    """Every scalar TensorBoard holds for a run: {tag: [values in step order]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[float]] = {}
+    for path in sorted(run_dir.glob("events.out.tfevents*")):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            out.setdefault(tag, []).extend(e.value for e in events.Scalars(tag))
+    return out
+
+
+def tiny_args(tmp_path, table):
+    """The quickstart config shrunk to seconds: a tiny table, a tiny model, a few steps."""
+    return [
+        "--config", str(CONFIG),
+        "--data.table", str(table),
+        "--data.batch_size", "8", "--data.eval_batch_size", "16",
+        "--model.init_args.model.tiny.hidden_size", "32", "--model.init_args.model.tiny.num_layers", "1",
+        "--model.init_args.model.tiny.num_heads", "2", "--model.init_args.model.tiny.intermediate_size", "64",
+        "--model.init_args.model.tiny.vocab_size", "400",
+        "--model.init_args.max_new_tokens", "24", "--model.init_args.val_generate_limit", "16",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--trainer.enable_progress_bar", "false",
+    ]
+
+
+def test_fit_then_validate_test_predict(tmp_path, tiny_table, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["chemlit"])
+    main(["fit", *tiny_args(tmp_path, tiny_table), "--trainer.limit_train_batches", "6",
+          "--trainer.max_epochs", "1", "--trainer.val_check_interval", "1.0", "--trainer.log_every_n_steps", "2"])
+    run = tmp_path / "runs" / "quickstart-sft" / "version_0"
+    assert (run / "config.yaml").exists() and (run / "splits.csv").exists()
+    scalars = read_scalars(run)
+    assert len(scalars["train/loss"]) == 3                       # steps 2, 4, 6
+    assert 0.0 <= scalars["val/parse_rate"][-1] <= 1.0           # generated, parsed, logged
+    assert "val/mae" in scalars and "val/loss" in scalars
+    export = run / "export"
+    assert (export / "model.safetensors").exists() and (export / "chemlit_export.json").exists()
+    # The export reloads with plain transformers and generates.
+    model = AutoModelForCausalLM.from_pretrained(export)
+    tok = AutoTokenizer.from_pretrained(export)
+    ids = torch.tensor([[tok.bos_token_id] + tok("Molecule: CCO\nRationale:")["input_ids"]])
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, ids.size(1) + 3)
+
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    split = str(run / "splits.csv")
+    for command in ("validate", "test"):
+        main([command, *tiny_args(tmp_path, tiny_table), "--ckpt_path", ckpt, "--data.split_file", split])
+    main(["predict", *tiny_args(tmp_path, tiny_table), "--ckpt_path", ckpt, "--data.split_file", split])
+    predictions = list((tmp_path / "runs" / "quickstart-sft").glob("version_*/predictions.csv"))
+    assert len(predictions) == 1
+    lines = predictions[0].read_text().splitlines()
+    assert lines[0] == "smiles,prediction,rationale,measured" and len(lines) > 1
+
+
+def test_print_config_is_a_full_runnable_config():
+    out = subprocess.run([sys.executable, "-m", "chemlit", "fit", "--config", str(CONFIG), "--print_config"],
+                         capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    for key in ("class_path: chemlit.SFTModule", "vocab_size: 1024", "on_invalid: error", "max_epochs: 3"):
+        assert key in out
+
+
+@pytest.mark.parametrize("table_text, message", [
+    ("smiles,mpC\nCCO,-114\nnot_a_smiles,5\n", "row 3: invalid SMILES 'not_a_smiles'"),
+    ("smiles,mpC\nCCO,warm\n", "row 2: value 'warm' in column 'mpC' is not a number"),
+])
+def test_bad_table_exits_nonzero_with_one_line_and_no_traceback(tmp_path, table_text, message):
+    table = tmp_path / "bad.csv"
+    table.write_text(table_text)
+    result = subprocess.run(
+        [sys.executable, "-m", "chemlit", "fit", *tiny_args(tmp_path, table), "--trainer.max_steps", "1"],
+        capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert f"chemlit: error: {table}: {message}" in result.stderr
+    assert "Traceback" not in result.stderr
