@@ -74,7 +74,7 @@ def test_fit_then_validate_test_predict(tmp_path, tiny_table, monkeypatch):
 def test_print_config_is_a_full_runnable_config():
     out = subprocess.run([sys.executable, "-m", "chemlit", "fit", "--config", str(CONFIG), "--print_config"],
                          capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    for key in ("class_path: chemlit.SFTModule", "vocab_size: 1024", "on_invalid: error", "max_epochs: 3"):
+    for key in ("class_path: chemlit.SFTModule", "vocab_size: 1024", "on_invalid: error", "max_epochs: 2"):
         assert key in out
 
 

@@ -31,6 +31,7 @@ def test_parse_prediction_reads_the_answer(text, expected):
 @pytest.mark.parametrize("text", [
     "", "no answer at all", "It has 2 rings.", "##Prediction:", "##Prediction: unknown",
     "##Prediction: high", None, 12, "##Prediction: 1e999999",
+    "##Prediction: 1111111111111111", "##Prediction: -300", "##Prediction: 2500 °C",  # not melting points
 ])
 def test_parse_prediction_without_a_number_returns_no_number(text):
     assert parse_prediction(text) is NO_NUMBER

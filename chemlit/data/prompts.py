@@ -23,6 +23,9 @@ QUESTION = "What is the melting point in °C?"
 
 #: What ``parse_prediction`` returns when the text holds no usable number.
 NO_NUMBER = None
+#: Melting points outside this range (°C) are not answers but runaway digits ("1111111..."):
+#: nothing melts below absolute zero, and no organic compound melts anywhere near 2000 °C.
+PLAUSIBLE_RANGE_C = (-273.15, 2000.0)
 
 
 def render_prompt(smiles: str) -> str:
@@ -82,7 +85,8 @@ def parse_prediction(text: str) -> Optional[float]:
     Only the text after the last ``##Prediction:`` counts (numbers in the rationale, such as "2
     rings", are never taken for the answer). After the marker, the first number is the answer; a
     range "120-125" gives its midpoint; a unit of K or °F is converted to °C. Returns
-    ``NO_NUMBER`` (None) when there is no marker, no number after it, or the number is not finite.
+    ``NO_NUMBER`` (None) when there is no marker, no number after it, or the number is not finite
+    or outside ``PLAUSIBLE_RANGE_C``.
     """
     if not isinstance(text, str):
         return NO_NUMBER
@@ -108,4 +112,5 @@ def parse_prediction(text: str) -> Optional[float]:
         return NO_NUMBER
     unit = _UNIT.match(tail, end)
     value = _to_celsius(value, unit["unit"] if unit else None)
-    return value if math.isfinite(value) else NO_NUMBER
+    low, high = PLAUSIBLE_RANGE_C
+    return value if math.isfinite(value) and low <= value <= high else NO_NUMBER
