@@ -28,6 +28,10 @@ def quiet_known_noise() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
     warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+    # validate/test/predict log into a new version directory; the checkpoint's old dirpath is moot.
+    warnings.filterwarnings("ignore", message=".*The dirpath has changed from.*")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage())  # an advertisement, not information
     logging.getLogger("chemlit").setLevel(logging.INFO)
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)

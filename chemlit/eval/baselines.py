@@ -39,3 +39,38 @@ def random_forest_baseline(train_smiles: Sequence[str], train_targets: Sequence[
                                    min_samples_leaf=1, max_features=0.3)
     forest.fit(descriptor_matrix(train_smiles), np.asarray(train_targets, dtype=float))
     return forest.predict(descriptor_matrix(test_smiles))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m chemlit.eval.baselines --split-file runs/.../splits.csv``: baselines on a run's test split."""
+    import argparse
+
+    from chemlit.data.records import read_table
+    from chemlit.data.sources import ensure_melting_points
+    from chemlit.data.splits import read_split
+    from chemlit.eval.bootstrap import bootstrap_mae
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--table", default="builtin", help="builtin or a table path (as data.table)")
+    parser.add_argument("--split-file", required=True, help="splits.csv written by a run")
+    parser.add_argument("--trees", type=int, default=300)
+    args = parser.parse_args(argv)
+    records, _ = read_table(ensure_melting_points() if args.table == "builtin" else args.table)
+    split = read_split(args.split_file)
+    train = [r for r in records if split.get(r.smiles) == "train"]
+    test = [r for r in records if split.get(r.smiles) == "test"]
+    truth = np.array([r.target for r in test])
+    predictions = {
+        "mean of training targets": mean_baseline([r.target for r in train], len(test)),
+        "random forest on RDKit descriptors": random_forest_baseline(
+            [r.smiles for r in train], [r.target for r in train], [r.smiles for r in test], args.trees),
+    }
+    print(f"| baseline ({len(train)} train, {len(test)} test molecules) | MAE °C [95% CI] | RMSE °C |")
+    print("|---|---|---|")
+    for name, pred in predictions.items():
+        errors = np.abs(pred - truth)
+        print(f"| {name} | {bootstrap_mae(errors)} | {np.sqrt(np.mean(errors ** 2)):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
