@@ -84,6 +84,7 @@ class RationaleDataModule(L.LightningDataModule):
         seed: int = 0,
         max_molecules: Optional[int] = None,
         use_rationale: bool = True,
+        cpt_replay_ratio: float = 0.0,
         batch_size: int = 32,
         eval_batch_size: int = 64,
         max_length: int = 320,
@@ -109,6 +110,8 @@ class RationaleDataModule(L.LightningDataModule):
             seed: seed of the split and of subsampling.
             max_molecules: use a seeded random subset of this many molecules (quick runs, tests).
             use_rationale: False trains the answer straight after the prompt (the rationale ablation).
+            cpt_replay_ratio: SFT only: add this many CPT texts per SFT example to the training set
+                (loss on all their tokens), the replay remedy against forgetting CPT knowledge.
             batch_size: training batch size.
             eval_batch_size: batch size for validation, test and predict (generation).
             max_length: longest training sequence in tokens; longer ones are truncated at the end.
@@ -130,6 +133,9 @@ class RationaleDataModule(L.LightningDataModule):
         self.seed = seed
         self.max_molecules = max_molecules
         self.use_rationale = use_rationale
+        if cpt_replay_ratio < 0:
+            raise ValueError(f"data.cpt_replay_ratio must be >= 0, got {cpt_replay_ratio}")
+        self.cpt_replay_ratio = cpt_replay_ratio
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.max_length = max_length
@@ -287,12 +293,21 @@ class RationaleDataModule(L.LightningDataModule):
         return {"input_ids": input_ids, "attention_mask": real.long(),
                 "labels": input_ids.masked_fill(~real, IGNORE_INDEX)}
 
+    def replay_examples(self, split: str) -> list[Example]:
+        """CPT texts dressed as SFT examples with an empty prompt: the loss covers all their tokens."""
+        records = self.records[split]
+        n = int(round(self.cpt_replay_ratio * len(records)))
+        chosen = random.Random(self.seed + 1).choices(records, k=n) if n else []
+        return [Example(r.smiles, "", cpt_text(r, self.rationale(r)), None, r.name) for r in chosen]
+
     def _loader(self, split: str, train: bool) -> DataLoader:
         batch_size = self.batch_size if train else self.eval_batch_size
         if self.stage == "cpt":
             data, collate = list(self.packed_blocks(split)), self.collate_cpt
         else:
             data = self.examples(split)
+            if train and self.stage == "sft" and self.cpt_replay_ratio:
+                data = data + self.replay_examples(split)
             collate = self.collate_sft if self.stage == "sft" else self.collate_rl
         return DataLoader(data, batch_size=batch_size, shuffle=train, collate_fn=collate,
                           num_workers=self.num_workers, drop_last=False)

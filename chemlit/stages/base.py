@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 
 from chemlit.data.datamodule import IGNORE_INDEX
 from chemlit.data.tokenizer import wrap_tokenizer
-from chemlit.models.factory import ModelSpec, export_model, load_model_and_tokenizer
+from chemlit.models.factory import LoraSpec, ModelSpec, export_model, load_model_and_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,10 @@ class StageModule(L.LightningModule):
     stage_name = "base"
 
     def __init__(self, model: ModelSpec = ModelSpec(), learning_rate: float = 1e-3, weight_decay: float = 0.1,
-                 warmup_steps: int = 100, export_dir: Optional[str] = None):
+                 warmup_steps: int = 100, export_dir: Optional[str] = None, lora: Optional[LoraSpec] = None):
         super().__init__()
         self.model_spec = model or ModelSpec()
+        self.lora = lora
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
@@ -52,9 +53,11 @@ class StageModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
         if self.model is None:
-            self.model, self.tokenizer = load_model_and_tokenizer(self.model_spec, datamodule.tokenizer_corpus)
-            log.info("%s model: %.2fM parameters", self.stage_name,
-                     sum(p.numel() for p in self.model.parameters()) / 1e6)
+            self.model, self.tokenizer = load_model_and_tokenizer(self.model_spec, datamodule.tokenizer_corpus,
+                                                                  self.lora)
+            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            log.info("%s model: %.2fM parameters, %.2fM trainable", self.stage_name,
+                     sum(p.numel() for p in self.model.parameters()) / 1e6, trainable / 1e6)
         datamodule.tokenizer = self.tokenizer
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -97,11 +100,12 @@ class StageModule(L.LightningModule):
         datamodule = self.trainer.datamodule
         return {"stage": self.stage_name, "model_source": self.model_spec.source,
                 "base_path": self.model_spec.path, "table": str(datamodule.table),
-                "split_file": str(datamodule.output_dir() / "splits.csv"),
+                "split_file": str(datamodule.split_file or datamodule.output_dir() / "splits.csv"),
+                "lora": None if self.lora is None or not self.lora.enabled else vars(self.lora),
                 "global_step": self.global_step}
 
     @rank_zero_only
     def on_fit_end(self) -> None:
-        path = export_model(self.model, self.tokenizer, self.export_path(), self.export_info())
+        path = export_model(self.model, self.tokenizer, self.export_path(), self.export_info(), self.model_spec)
         log.info("Exported the %s model to %s", self.stage_name, path)
         print(f"chemlit: exported the {self.stage_name} model to {path}")

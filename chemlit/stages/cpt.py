@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torchmetrics import MeanMetric
 
-from chemlit.models.factory import ModelSpec
+from chemlit.models.factory import ATTENTION_MLP, LoraSpec, ModelSpec
 from chemlit.stages.base import StageModule, next_token_loss
 
 
@@ -17,7 +17,9 @@ class CPTModule(StageModule):
     stage_name = "cpt"
 
     def __init__(self, model: ModelSpec = ModelSpec(), learning_rate: float = 1e-3, weight_decay: float = 0.1,
-                 warmup_steps: int = 100, export_dir: Optional[str] = None):
+                 warmup_steps: int = 100, export_dir: Optional[str] = None,
+                 lora: LoraSpec = LoraSpec(enabled=False, r=32, alpha=128,
+                                           target_modules=[*ATTENTION_MLP, "embed_tokens", "lm_head"])):
         """
         Args:
             model: which model to train and how to load it (see ModelSpec).
@@ -25,8 +27,10 @@ class CPTModule(StageModule):
             weight_decay: AdamW weight decay on matrices.
             warmup_steps: optimizer steps of linear warm-up.
             export_dir: where the trained model goes; default <log_dir>/export.
+            lora: adapter settings. The CPT default adapts embed_tokens and lm_head as well, with a
+                high alpha (128): what the CPT->SFT forgetting study found to work best.
         """
-        super().__init__(model, learning_rate, weight_decay, warmup_steps, export_dir)
+        super().__init__(model, learning_rate, weight_decay, warmup_steps, export_dir, lora)
         self.save_hyperparameters()
         self.val_loss = MeanMetric()
 

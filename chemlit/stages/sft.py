@@ -13,8 +13,11 @@ from typing import Literal, Optional
 import torch
 
 from chemlit.data.prompts import parse_prediction
+from chemlit.data.datamodule import IGNORE_INDEX
+from chemlit.eval.bootstrap import bootstrap_mae
 from chemlit.eval.metrics import PredictionMetrics, write_csv
-from chemlit.models.factory import ModelSpec
+from chemlit.eval.plots import parity_figure
+from chemlit.models.factory import ATTENTION_MLP, LoraSpec, ModelSpec
 from chemlit.stages.base import StageModule, next_token_loss
 
 Decoding = Literal["greedy", "sample"]
@@ -35,6 +38,8 @@ class SFTModule(StageModule):
         val_generate_limit: Optional[int] = 256,
         log_examples: int = 4,
         export_dir: Optional[str] = None,
+        lora: LoraSpec = LoraSpec(enabled=False, r=8, alpha=8, target_modules=list(ATTENTION_MLP)),
+        track_forgetting: bool = False,
     ):
         """
         Args:
@@ -49,18 +54,25 @@ class SFTModule(StageModule):
                 (generation is the slow part); None = all. Test always uses all.
             log_examples: full generations written to TensorBoard as text per validation.
             export_dir: where the trained model goes; default <log_dir>/export.
+            lora: adapter settings. The SFT default (attention + MLP, low alpha 8) is what the
+                CPT->SFT forgetting study found to keep the most CPT knowledge.
+            track_forgetting: log the validation molecules' CPT-text perplexity at each validation
+                and its ratio to the value before SFT (val/forgetting; > 1 means forgetting).
         """
-        super().__init__(model, learning_rate, weight_decay, warmup_steps, export_dir)
+        super().__init__(model, learning_rate, weight_decay, warmup_steps, export_dir, lora)
         self.save_hyperparameters()
         self.decoding = decoding
         self.temperature = temperature
         self.max_new_tokens = max_new_tokens
         self.val_generate_limit = val_generate_limit
         self.log_examples = log_examples
+        self.track_forgetting = track_forgetting
         self.val_metrics = PredictionMetrics()
         self.test_metrics = PredictionMetrics()
         self._val_generated = 0
         self._examples: list[str] = []
+        self._pairs: list[tuple[float, float]] = []   # (predicted, measured) of this validation/test
+        self.cpt_perplexity_before: Optional[float] = None
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -88,9 +100,27 @@ class SFTModule(StageModule):
         return texts, torch.tensor([math.nan if v is None else v for v in values], device=self.device)
 
     # ------------------------------------------------------------------ validation / test
+    # ------------------------------------------------------------------ forgetting
+    @torch.no_grad()
+    def cpt_perplexity(self) -> float:
+        """Perplexity of the validation molecules' CPT text: what SFT may make the model forget."""
+        blocks = self.trainer.datamodule.packed_blocks("val").to(self.device)
+        total, count = 0.0, 0
+        for chunk in blocks.split(self.trainer.datamodule.eval_batch_size):
+            labels = chunk.masked_fill(chunk == self.tokenizer.pad_token_id, IGNORE_INDEX)
+            n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+            total += next_token_loss(self.model(input_ids=chunk).logits, labels).item() * n
+            count += n
+        return math.exp(min(total / max(count, 1), 50.0))
+
+    def on_train_start(self) -> None:
+        if self.track_forgetting and self.cpt_perplexity_before is None:
+            self.cpt_perplexity_before = self.cpt_perplexity()
+
     def on_validation_epoch_start(self) -> None:
         self._val_generated = 0
         self._examples = []
+        self._pairs = []
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         batch_size = batch["input_ids"].size(0)
@@ -101,22 +131,46 @@ class SFTModule(StageModule):
         texts, values = self.predict_batch(batch)
         self._val_generated += batch_size
         self.val_metrics.update(values, batch["targets"])
+        self._pairs.extend(zip(values.tolist(), batch["targets"].tolist()))
         for smiles, text, target in zip(batch["smiles"], texts, batch["targets"].tolist()):
             if len(self._examples) < self.log_examples:
                 self._examples.append(f"**{smiles}** (measured {target:g} °C)\n\n{text}")
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_metrics)
+        if self.track_forgetting and self.cpt_perplexity_before is not None and not self.trainer.sanity_checking:
+            now = self.cpt_perplexity()
+            self.log("val/cpt_perplexity", now)
+            self.log("val/forgetting", now / self.cpt_perplexity_before)  # > 1: CPT text got less likely
         experiment = getattr(self.logger, "experiment", None)
-        if self._examples and hasattr(experiment, "add_text"):
-            experiment.add_text("val/generations", "\n\n---\n\n".join(self._examples), self.global_step)
+        if hasattr(experiment, "add_text") and not self.trainer.sanity_checking:
+            if self._examples:
+                experiment.add_text("val/generations", "\n\n---\n\n".join(self._examples), self.global_step)
+            self._log_parity("val/parity", experiment)
+
+    def _log_parity(self, tag: str, experiment) -> None:
+        if self._pairs:
+            predicted, measured = zip(*self._pairs)
+            experiment.add_figure(tag, parity_figure(predicted, measured, tag), self.global_step, close=True)
+
+    def on_test_epoch_start(self) -> None:
+        self._pairs = []
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         _, values = self.predict_batch(batch)
         self.test_metrics.update(values, batch["targets"])
+        self._pairs.extend(zip(values.tolist(), batch["targets"].tolist()))
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test", self.test_metrics)
+        errors = [abs(p - m) for p, m in self._pairs if not math.isnan(p) and not math.isnan(m)]
+        if errors:
+            interval = bootstrap_mae(errors)
+            self.log("test/mae_ci_low", interval.low)
+            self.log("test/mae_ci_high", interval.high)
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "add_figure"):
+            self._log_parity("test/parity", experiment)
 
     def _log_metrics(self, prefix: str, metrics: PredictionMetrics) -> None:
         for name, value in metrics.compute().items():
