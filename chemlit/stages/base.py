@@ -38,10 +38,10 @@ class StageModule(L.LightningModule):
     stage_name = "base"
 
     def __init__(self, model: ModelSpec = ModelSpec(), learning_rate: float = 1e-3, weight_decay: float = 0.1,
-                 warmup_steps: int = 100, export_dir: Optional[str] = None, lora: Optional[LoraSpec] = None):
+                 warmup_steps: int = 100, export_dir: Optional[str] = None):
         super().__init__()
         self.model_spec = model or ModelSpec()
-        self.lora = lora
+        self.lora: Optional[LoraSpec] = None  # each stage sets its own, with its own defaults
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torchmetrics import MeanMetric
 
-from chemlit.models.factory import ATTENTION_MLP, LoraSpec, ModelSpec
+from chemlit.models.factory import CPTLora, ModelSpec, SFTLora
 from chemlit.stages.base import StageModule, next_token_loss
 
 
@@ -18,8 +18,7 @@ class CPTModule(StageModule):
 
     def __init__(self, model: ModelSpec = ModelSpec(), learning_rate: float = 1e-3, weight_decay: float = 0.1,
                  warmup_steps: int = 100, export_dir: Optional[str] = None,
-                 lora: LoraSpec = LoraSpec(enabled=False, r=32, alpha=128,
-                                           target_modules=[*ATTENTION_MLP, "embed_tokens", "lm_head"])):
+                 lora: CPTLora = CPTLora()):
         """
         Args:
             model: which model to train and how to load it (see ModelSpec).
@@ -30,7 +29,8 @@ class CPTModule(StageModule):
             lora: adapter settings. The CPT default adapts embed_tokens and lm_head as well, with a
                 high alpha (128): what the CPT->SFT forgetting study found to work best.
         """
-        super().__init__(model, learning_rate, weight_decay, warmup_steps, export_dir, lora)
+        super().__init__(model, learning_rate, weight_decay, warmup_steps, export_dir)
+        self.lora = lora
         self.save_hyperparameters()
         self.val_loss = MeanMetric()
 

@@ -17,7 +17,7 @@ from chemlit.data.datamodule import IGNORE_INDEX
 from chemlit.eval.bootstrap import bootstrap_mae
 from chemlit.eval.metrics import PredictionMetrics, write_csv
 from chemlit.eval.plots import parity_figure
-from chemlit.models.factory import ATTENTION_MLP, LoraSpec, ModelSpec
+from chemlit.models.factory import CPTLora, ModelSpec, SFTLora
 from chemlit.stages.base import StageModule, next_token_loss
 
 Decoding = Literal["greedy", "sample"]
@@ -38,7 +38,7 @@ class SFTModule(StageModule):
         val_generate_limit: Optional[int] = 256,
         log_examples: int = 4,
         export_dir: Optional[str] = None,
-        lora: LoraSpec = LoraSpec(enabled=False, r=8, alpha=8, target_modules=list(ATTENTION_MLP)),
+        lora: SFTLora = SFTLora(),
         track_forgetting: bool = False,
     ):
         """
@@ -59,7 +59,8 @@ class SFTModule(StageModule):
             track_forgetting: log the validation molecules' CPT-text perplexity at each validation
                 and its ratio to the value before SFT (val/forgetting; > 1 means forgetting).
         """
-        super().__init__(model, learning_rate, weight_decay, warmup_steps, export_dir, lora)
+        super().__init__(model, learning_rate, weight_decay, warmup_steps, export_dir)
+        self.lora = lora
         self.save_hyperparameters()
         self.decoding = decoding
         self.temperature = temperature

@@ -1,0 +1,40 @@
+import csv
+
+import numpy as np
+
+from chemlit.data.records import read_table
+from chemlit.data.splits import make_split, write_split
+from chemlit.eval.report import main
+
+
+def _predictions(path, pairs):
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["smiles", "prediction", "rationale", "measured"])
+        for smiles, value in pairs:
+            writer.writerow([smiles, "" if value is None else value, "r", ""])
+    return str(path)
+
+
+def test_report_compares_model_with_baselines_on_the_same_molecules(tiny_table, tmp_path, capsys):
+    records, _ = read_table(tiny_table)
+    split = make_split([r.smiles for r in records], "random", (0.6, 0.0, 0.4), seed=0)
+    split_file = write_split(split, tmp_path / "splits.csv")
+    test = [r for r in records if split[r.smiles] == "test"]
+    rng = np.random.default_rng(0)
+    good = [(r.smiles, r.target + rng.normal(0, 3)) for r in test]
+    good[0] = (good[0][0], None)                                    # one answer without a number
+    noisy = [(r.smiles, r.target + rng.normal(0, 80)) for r in test]
+    out = tmp_path / "report.md"
+    main(["--predictions", _predictions(tmp_path / "good.csv", good), "--name", "good",
+          "--compare", f"noisy={_predictions(tmp_path / 'noisy.csv', noisy)}",
+          "--split-file", str(split_file), "--table", str(tiny_table), "--trees", "30", "--out", str(out)])
+    report = out.read_text()
+    assert report in capsys.readouterr().out                         # printed and written alike
+    assert f"# Report: {len(test)} test molecules" in report
+    for name in ("good", "noisy", "mean of training targets", "random forest on RDKit descriptors"):
+        assert f"| {name} |" in report
+    assert f"| good | " in report and f"{(len(test) - 1) / len(test):.1%} |" in report   # parse rate
+    line = next(l for l in report.splitlines() if l.startswith("| good − mean of training targets"))
+    assert line.endswith("| yes |")                                  # 3 °C noise beats the mean, clearly
+    assert "good: 1" in report
