@@ -54,6 +54,10 @@ def test_sft_batch_masks_the_prompt_and_pads(datamodule):
         assert prompt_text.endswith("Rationale:")                                 # no loss on the prompt
         assert ANSWER_MARKER in answer_text and ANSWER_MARKER not in prompt_text
         assert labels[row, n_real - 1] == tok.eos_token_id                         # learns to stop
+        answer = batch["answer_mask"][row].bool()
+        assert tok.decode(ids[row][answer]).startswith("\n" + ANSWER_MARKER)      # the answer line...
+        assert tok.decode(ids[row][answer], skip_special_tokens=True).strip().split(" ")[-1].lstrip("-").isdigit()
+        assert (labels[row][answer] != IGNORE_INDEX).all()                      # ...is all labelled
     # Generation prompts are left-padded and end with the same prompt.
     p_ids, p_mask = batch["prompt_ids"], batch["prompt_mask"]
     assert p_ids.size(1) % 8 == 0

@@ -29,7 +29,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from chemlit.data.prompts import render_completion, render_prompt
+from chemlit.data.prompts import ANSWER_MARKER, render_completion, render_prompt
 from chemlit.data.rationale import write_rationale
 from chemlit.data.records import ColumnMap, OnInvalid, Record, Skipped, read_table
 from chemlit.data.sources import ensure_melting_points
@@ -253,18 +253,25 @@ class RationaleDataModule(L.LightningDataModule):
 
     def collate_sft(self, examples: list[Example]) -> dict:
         tok = self._require_tokenizer()
-        full, labels, prompts = [], [], []
+        full, labels, answers, prompts = [], [], [], []
         for ex in examples:
             prompt = [tok.bos_token_id] + self._encode(ex.prompt)
-            completion = self._encode(ex.completion) + [tok.eos_token_id]
-            full.append((prompt + completion)[: self.max_length])
-            labels.append(([IGNORE_INDEX] * len(prompt) + completion)[: self.max_length])
+            # Rationale and answer line are encoded apart (the pre-tokeniser splits at the newline
+            # anyway) so that the answer tokens can be marked for an optional loss weight.
+            cut = ex.completion.rfind("\n" + ANSWER_MARKER)
+            cut = len(ex.completion) if cut < 0 else cut
+            rationale = self._encode(ex.completion[:cut])
+            answer = self._encode(ex.completion[cut:]) + [tok.eos_token_id]
+            full.append((prompt + rationale + answer)[: self.max_length])
+            labels.append(([IGNORE_INDEX] * len(prompt) + rationale + answer)[: self.max_length])
+            answers.append(([0] * (len(prompt) + len(rationale)) + [1] * len(answer))[: self.max_length])
             prompts.append(prompt)
         input_ids = pad_right(full, tok.pad_token_id, self.pad_to_multiple_of)
         return {
             "input_ids": input_ids,
             "attention_mask": pad_right([[1] * len(s) for s in full], 0, self.pad_to_multiple_of),
             "labels": pad_right(labels, IGNORE_INDEX, self.pad_to_multiple_of),
+            "answer_mask": pad_right(answers, 0, self.pad_to_multiple_of),  # 1 on "\n##Prediction: N</s>"
             **self._prompt_batch(examples, prompts),
         }
 

@@ -20,16 +20,20 @@ from chemlit.models.factory import LoraSpec, ModelSpec, export_model, load_model
 log = logging.getLogger(__name__)
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting labels[t+1] from position t, over labels != -100.
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Weighted mean cross-entropy of predicting labels[t+1] from position t, over labels != -100.
 
+    loss = sum_t w_t * CE_t / sum_t w_t with w_t = weights[t+1] (1 when ``weights`` is None).
     A batch with no labelled token (every prompt truncated away) gives 0, not NaN.
     """
     shift_logits = logits[:, :-1].float()  # (B, T-1, V)
     shift_labels = labels[:, 1:]            # (B, T-1)
-    total = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (shift_labels != IGNORE_INDEX).sum().clamp(min=1)
+    token_loss = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX,
+                                 reduction="none")  # (B, T-1), 0 where ignored
+    w = (shift_labels != IGNORE_INDEX).float()  # (B, T-1)
+    if weights is not None:
+        w = w * weights[:, 1:].float()
+    return (token_loss * w).sum() / w.sum().clamp(min=1e-8)
 
 
 class StageModule(L.LightningModule):
