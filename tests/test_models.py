@@ -68,6 +68,24 @@ def test_lora_trains_only_the_adapter_and_merge_matches(tiny_dir):
     assert not torch.allclose(logits(base, tok), logits(merged, tok), atol=1e-3)
 
 
+def test_export_reloads_with_transformers_and_with_peft(tiny_dir, tmp_path):
+    from peft import PeftModel
+
+    spec = ModelSpec(source="pretrained", path=str(tiny_dir))
+    model, tok = load_model_and_tokenizer(spec, corpus, LoraSpec(enabled=True, r=4, alpha=8,
+                                                                  target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    export_model(model, tok, tmp_path / "out", {"stage": "test"}, spec)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")                  # plain transformers
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                                             tmp_path / "out" / "adapter")          # base + peft adapter
+    assert torch.allclose(logits(merged, tok), logits(with_adapter, tok), atol=1e-5)
+    assert torch.allclose(logits(merged, tok), logits(model, tok), atol=1e-5)
+
+
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
 def test_quantized_base_loads_trains_and_merges_into_full_precision(tiny_dir, tmp_path, quantization):
     spec = ModelSpec(source="pretrained", path=str(tiny_dir), quantization=quantization)

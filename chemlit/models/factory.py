@@ -275,6 +275,9 @@ def export_model(model: PreTrainedModel, tokenizer, directory: str | Path, info:
         shutil.rmtree(tmp)
     plain_model(model, spec or ModelSpec()).save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if hasattr(model, "peft_config"):
+        # The adapter alone too, for `PeftModel.from_pretrained(base, export/"adapter")`.
+        model.save_pretrained(tmp / "adapter", safe_serialization=True)
     (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str) + "\n")
     if directory.exists():
         old = directory.with_name(directory.name + f".old{os.getpid()}")
