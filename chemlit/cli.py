@@ -48,7 +48,7 @@ def main(args: list[str] | None = None) -> None:
     quiet_known_noise()
     try:
         ChemlitCLI(args=args)
-    except DataError as err:
+    except (DataError, FileNotFoundError) as err:  # bad input or a wrong path: the user's to fix
         print(f"chemlit: error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -133,3 +133,11 @@ def test_every_config_parses(config, capsys):
         main(["fit", "--config", str(ROOT / config), "--print_config"])
     assert info.value.code in (0, None)
     assert "class_path: chemlit." in capsys.readouterr().out
+
+
+def test_missing_checkpoint_is_one_line_too(tmp_path, tiny_table):
+    result = subprocess.run(
+        [sys.executable, "-m", "chemlit", "validate", *tiny_args(tmp_path, tiny_table),
+         "--ckpt_path", str(tmp_path / "nope.ckpt")], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert "chemlit: error: Checkpoint file not found" in result.stderr and "Traceback" not in result.stderr

@@ -59,6 +59,7 @@ class StageModule(L.LightningModule):
         if self.model is None:
             self.model, self.tokenizer = load_model_and_tokenizer(self.model_spec, datamodule.tokenizer_corpus,
                                                                   self.lora)
+            self.model.train()  # from_pretrained returns eval mode; Lightning switches modes from here on
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             log.info("%s model: %.2fM parameters, %.2fM trainable", self.stage_name,
                      sum(p.numel() for p in self.model.parameters()) / 1e6, trainable / 1e6)
