@@ -16,7 +16,6 @@ right-padded, generation prompts are left-padded, and lengths are rounded up to
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import random
@@ -34,6 +33,7 @@ from chemlit.data.rationale import write_rationale
 from chemlit.data.records import ColumnMap, OnInvalid, Record, Skipped, read_table
 from chemlit.data.sources import ensure_melting_points
 from chemlit.data.splits import SplitKind, make_split, read_split, write_split
+from chemlit.eval.metrics import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -195,10 +195,8 @@ class RationaleDataModule(L.LightningDataModule):
         out.mkdir(parents=True, exist_ok=True)
         write_split(assignment, out / "splits.csv")
         if self.skipped:
-            with open(out / "skipped_rows.csv", "w", newline="", encoding="utf-8") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["file", "row", "problem"])
-                writer.writerows((s.file, s.row, s.problem) for s in self.skipped)
+            write_csv([{"file": s.file, "row": s.row, "problem": s.problem} for s in self.skipped],
+                      out / "skipped_rows.csv")
             log.warning("Skipped %d invalid rows of %s; see %s", len(self.skipped), self.table,
                         out / "skipped_rows.csv")
         (out / "data_summary.json").write_text(json.dumps(self.summary(), indent=2) + "\n")
