@@ -24,6 +24,18 @@ def descriptor_matrix(smiles: Sequence[str]) -> np.ndarray:
     return np.clip(matrix, -1e6, 1e6).astype(np.float32)
 
 
+def train_test_records(table: str, split_file: str):
+    """(train, test) records of a table ("builtin" or a path) under a run's splits.csv."""
+    from chemlit.data.records import read_table
+    from chemlit.data.sources import ensure_melting_points
+    from chemlit.data.splits import read_split
+
+    records, _ = read_table(ensure_melting_points() if table == "builtin" else table)
+    split = read_split(split_file)
+    return ([r for r in records if split.get(r.smiles) == "train"],
+            [r for r in records if split.get(r.smiles) == "test"])
+
+
 def mean_baseline(train_targets: Sequence[float], n: int) -> np.ndarray:
     """Predict the training mean for every molecule."""
     return np.full(n, float(np.mean(train_targets)))
@@ -45,9 +57,6 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m chemlit.eval.baselines --split-file runs/.../splits.csv``: baselines on a run's test split."""
     import argparse
 
-    from chemlit.data.records import read_table
-    from chemlit.data.sources import ensure_melting_points
-    from chemlit.data.splits import read_split
     from chemlit.eval.bootstrap import bootstrap_mae
 
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -55,10 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split-file", required=True, help="splits.csv written by a run")
     parser.add_argument("--trees", type=int, default=300)
     args = parser.parse_args(argv)
-    records, _ = read_table(ensure_melting_points() if args.table == "builtin" else args.table)
-    split = read_split(args.split_file)
-    train = [r for r in records if split.get(r.smiles) == "train"]
-    test = [r for r in records if split.get(r.smiles) == "test"]
+    train, test = train_test_records(args.table, args.split_file)
     truth = np.array([r.target for r in test])
     predictions = {
         "mean of training targets": mean_baseline([r.target for r in train], len(test)),

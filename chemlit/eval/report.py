@@ -22,10 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chemlit.data.records import read_table
-from chemlit.data.sources import ensure_melting_points
-from chemlit.data.splits import read_split
-from chemlit.eval.baselines import mean_baseline, random_forest_baseline
+from chemlit.eval.baselines import mean_baseline, random_forest_baseline, train_test_records
 from chemlit.eval.bootstrap import bootstrap_mae, paired_bootstrap_delta
 
 
@@ -46,11 +43,9 @@ def _row(name: str, predicted: np.ndarray, truth: np.ndarray) -> str:
 
 def build_report(predictions: dict[str, dict[str, float]], split_file: str, table: str = "builtin",
                  trees: int = 300) -> str:
-    records, _ = read_table(ensure_melting_points() if table == "builtin" else table)
-    split = read_split(split_file)
-    train = [r for r in records if split.get(r.smiles) == "train"]
+    train, test = train_test_records(table, split_file)
     first = next(iter(predictions.values()))
-    test = [r for r in records if split.get(r.smiles) == "test" and r.smiles in first]
+    test = [r for r in test if r.smiles in first]
     if not test:
         raise SystemExit("report: no test molecule of the split file is in the predictions")
     truth = np.array([r.target for r in test])
