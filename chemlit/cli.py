@@ -32,6 +32,10 @@ def quiet_known_noise() -> None:
     warnings.filterwarnings("ignore", message=".*The dirpath has changed from.*")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in record.getMessage())  # an advertisement, not information
+    # PPO's frozen reference is in eval mode on purpose (and the policy too: dropout off).
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
+    # bitsandbytes' CPU backend announces an optional kernels package on import; nothing to act on.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     logging.getLogger("chemlit").setLevel(logging.INFO)
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)

@@ -70,6 +70,45 @@ def cpt_text(record: Record, rationale: str) -> str:
     return f"Molecule: {who}\n{rationale}"
 
 
+class ResumableLoader:
+    """Shuffled batches in a seeded order per epoch that can resume mid-epoch.
+
+    A PPO run's checkpoint records the epoch and how many batches were trained (the stage calls
+    ``mark_trained``; counting what was *fetched* would be off by Lightning's prefetched batch).
+    Lightning saves ``state_dict`` in the checkpoint and calls ``load_state_dict`` on resume, so
+    the resumed run sees exactly the prompts an uninterrupted run would.
+    """
+
+    def __init__(self, data: list, batch_size: int, collate_fn, seed: int):
+        self.data, self.batch_size, self.collate_fn, self.seed = data, batch_size, collate_fn, seed
+        self.epoch = 0
+        self.trained = 0  # batches of the current epoch already trained
+        self._iterating = 0
+
+    def __len__(self) -> int:
+        return (len(self.data) + self.batch_size - 1) // self.batch_size
+
+    def mark_trained(self, batches: int) -> None:
+        """``batches`` of the epoch being iterated are trained (the last one closes the epoch)."""
+        if batches >= len(self):
+            self.epoch, self.trained = self._iterating + 1, 0
+        else:
+            self.epoch, self.trained = self._iterating, batches
+
+    def __iter__(self):
+        self._iterating = self.epoch
+        order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        for i in range(self.trained, len(self)):
+            yield self.collate_fn([self.data[j] for j in order[i * self.batch_size:(i + 1) * self.batch_size]])
+        self.epoch, self.trained = self._iterating + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "trained": self.trained}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.trained = int(state["epoch"]), int(state["trained"])
+
+
 class RationaleDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -310,7 +349,7 @@ class RationaleDataModule(L.LightningDataModule):
         chosen = random.Random(self.seed + 1).choices(records, k=n) if n else []
         return [Example(r.smiles, "", cpt_text(r, self.rationale(r)), None, r.name) for r in chosen]
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def _loader(self, split: str, train: bool):
         batch_size = self.batch_size if train else self.eval_batch_size
         if self.stage == "cpt":
             data, collate = list(self.packed_blocks(split)), self.collate_cpt
@@ -319,6 +358,8 @@ class RationaleDataModule(L.LightningDataModule):
             if train and self.stage == "sft" and self.cpt_replay_ratio:
                 data = data + self.replay_examples(split)
             collate = self.collate_sft if self.stage == "sft" else self.collate_rl
+            if train and self.stage == "rl":
+                return ResumableLoader(data, batch_size, collate, self.seed)
         return DataLoader(data, batch_size=batch_size, shuffle=train, collate_fn=collate,
                           num_workers=self.num_workers, drop_last=False)
 

@@ -14,10 +14,24 @@ from lightning.pytorch.utilities import rank_zero_only
 from tokenizers import Tokenizer
 
 from chemlit.data.datamodule import IGNORE_INDEX
+from chemlit.data.records import ColumnMap
 from chemlit.data.tokenizer import wrap_tokenizer
-from chemlit.models.factory import LoraSpec, ModelSpec, export_model, load_model_and_tokenizer
+from chemlit.models.factory import CPTLora, LoraSpec, ModelSpec, SFTLora, TinyConfig, export_model, load_model_and_tokenizer
 
 log = logging.getLogger(__name__)
+
+
+def allow_in_checkpoints(*classes: type) -> None:
+    """Let ``torch.load(weights_only=True)`` rebuild these plain config dataclasses.
+
+    A module built in Python (not from YAML) stores its hyperparameters as these objects; the
+    weights-only unpickler refuses unknown classes, and allowing a dataclass of numbers and strings
+    runs no code of the checkpoint's choosing.
+    """
+    torch.serialization.add_safe_globals(list(classes))
+
+
+allow_in_checkpoints(ModelSpec, TinyConfig, LoraSpec, SFTLora, CPTLora, ColumnMap)
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -99,7 +113,9 @@ class StageModule(L.LightningModule):
     def export_path(self) -> Path:
         if self.export_dir:
             return Path(self.export_dir)
-        return Path(self.trainer.log_dir or ".") / "export"
+        # Not trainer.log_dir: it broadcasts across ranks, and the export runs on rank 0 only.
+        base = getattr(self.trainer.logger, "log_dir", None) or self.trainer.default_root_dir
+        return Path(base) / "export"
 
     def export_info(self) -> dict:
         datamodule = self.trainer.datamodule

@@ -1,0 +1,450 @@
+"""RL: a hand-written PPO that rewards the right melting point.
+
+One training step is one PPO iteration, and reads as the algorithm does:
+
+    rollout  = self.rollout(batch)           sample K answers per molecule, keep the token ids
+    scored   = self.score(rollout, batch)     parse, error, reward at the curriculum's harshness
+    self.evaluate(rollout)                    log-probs and values of the policy, reference log-probs
+    self.advantages(rollout, scores)          KL-penalised token rewards -> GAE -> whitened advantages
+    for epoch in ppo_epochs: for minibatch:   self.update(minibatch): clipped policy + value + entropy
+
+Every formula is a pure function in ``chemlit.rl.ppo_math``; this file only puts them in order.
+The design avoids each thing that made the original TRL run flat (see ../shared/DESIGN.md): K
+samples per prompt with temperature, sampled ids never re-tokenised, a small KL coefficient with an
+unbiased non-negative estimator, an adaptive controller whose horizon is in samples, per-prompt
+score baselines, advantages whitened over the whole batch, and a lenient-first curriculum.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from chemlit.data.prompts import parse_prediction
+from chemlit.eval.metrics import PredictionMetrics
+from chemlit.models.factory import LoraSpec, ModelSpec
+from chemlit.models.value_head import ValueHead, disable_dropout
+from chemlit.rl import ppo_math as pm
+from chemlit.rl.curriculum import Curriculum, CurriculumSpec
+from chemlit.rl.kl import KLController, KLSpec
+from chemlit.rl.rewards import RewardSpec, ScoredAnswers, normalize_scores, score_answers
+from chemlit.stages.base import StageModule, allow_in_checkpoints
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PPOLora(LoraSpec):
+    """PPO adapter: off by default (the tiny model trains all its weights). With LoRA on, the frozen
+    reference is the same network with the adapter disabled -- no second copy in memory."""
+
+
+@dataclass
+class PPOSpec:
+    """The PPO update."""
+
+    samples_per_prompt: int = 8
+    """K answers sampled for each molecule (the group a per-prompt baseline compares)."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are scored with logits divided by the same value."""
+    max_new_tokens: int = 128
+    """Longest sampled rationale + answer; a longer answer is cut and gets the no-answer penalty."""
+    ppo_epochs: int = 2
+    """Passes over each iteration's samples."""
+    num_minibatches: int = 4
+    """Minibatches per pass (the samples of an iteration are split into this many)."""
+    clip_range: float = 0.2
+    """ε of the clipped policy ratio."""
+    clip_range_value: float = 0.2
+    """ε of the clipped value update."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    ent_coef: float = 0.0
+    """Weight of an entropy bonus (0 = none; the KL penalty already keeps the policy broad)."""
+    gamma: float = 1.0
+    """Discount; 1 because the only task reward comes at the end."""
+    lam: float = 0.95
+    """GAE λ."""
+    max_grad_norm: float = 1.0
+    """Gradient norm clip per minibatch."""
+    ratio_threshold: float = 10.0
+    """Skip (and count) a minibatch whose mean policy ratio over its tokens exceeds this: the
+    policy has run away from the samples (a single rare token may legitimately move further)."""
+
+
+@dataclass
+class Rollout:
+    """One iteration's samples as plain (B, ...) tensors. B = prompts × K."""
+
+    sequences: torch.Tensor        # (B, P + T) prompt (left-padded) then response (right-padded)
+    attention_mask: torch.Tensor   # (B, P + T)
+    response_mask: torch.Tensor    # (B, T) 1 on response tokens, up to and including the end token
+    prompt_length: int             # P
+    texts: list[str]               # decoded responses
+    finished: list[bool]           # did the response end with the end token
+    targets: list[float]           # measured value of each sample's molecule
+    smiles: list[str]
+    logprobs: Optional[torch.Tensor] = None      # (B, T) under the sampling policy
+    ref_logprobs: Optional[torch.Tensor] = None  # (B, T) under the frozen reference
+    values: Optional[torch.Tensor] = None        # (B, T) critic before the update
+    advantages: Optional[torch.Tensor] = None    # (B, T)
+    returns: Optional[torch.Tensor] = None       # (B, T)
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_length:]
+
+
+allow_in_checkpoints(PPOLora, PPOSpec, KLSpec, RewardSpec, CurriculumSpec)
+
+
+def response_mask_from_tokens(responses: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) sampled ids -> (mask, finished): mask is 1 up to and including the first end token."""
+    is_eos = responses == eos_token_id                          # (B, T)
+    before_or_at = (torch.cumsum(is_eos.long(), dim=1) - is_eos.long()) == 0  # (B, T) no end token earlier
+    return before_or_at.long(), is_eos.any(dim=1)
+
+
+class PPOModule(StageModule):
+    stage_name = "ppo"
+
+    def __init__(
+        self,
+        model: ModelSpec = ModelSpec(source="pretrained"),
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        ppo: PPOSpec = PPOSpec(),
+        kl: KLSpec = KLSpec(),
+        reward: RewardSpec = RewardSpec(),
+        curriculum: CurriculumSpec = CurriculumSpec(),
+        lora: PPOLora = PPOLora(),
+        val_max_new_tokens: int = 192,
+        val_generate_limit: Optional[int] = 256,
+        log_examples: int = 4,
+        export_dir: Optional[str] = None,
+    ):
+        """
+        Args:
+            model: the policy to start from, normally the SFT stage's export (source=pretrained).
+            learning_rate: AdamW rate for policy and value head (constant after warm-up).
+            weight_decay: AdamW weight decay (0: stay near the SFT model through the KL term only).
+            warmup_steps: iterations of linear warm-up.
+            ppo: the update (samples per prompt, temperature, epochs, minibatches, clipping...).
+            kl: the penalty to the frozen reference (coefficient, fixed/adaptive, estimator).
+            reward: scoring (no-answer penalty, success threshold, score normalisation).
+            curriculum: harshness levels (tolerances in °C), thresholds and window.
+            lora: adapter; with it the reference is the adapter-disabled network.
+            val_max_new_tokens: longest greedy answer in validation/test.
+            val_generate_limit: validation molecules answered per validation (None = all).
+            log_examples: sampled answers written to TensorBoard text per logging step.
+            export_dir: where the trained policy goes; default <log_dir>/export.
+        """
+        super().__init__(model, learning_rate, weight_decay, warmup_steps, export_dir)
+        self.lora = lora
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.ppo = ppo
+        self.kl_spec = kl
+        self.reward_spec = reward
+        self.curriculum_spec = curriculum
+        self.kl_ctl = KLController(kl)
+        self.curriculum = Curriculum(curriculum)
+        self.val_max_new_tokens = val_max_new_tokens
+        self.val_generate_limit = val_generate_limit
+        self.log_examples = log_examples
+        self.value_head: Optional[ValueHead] = None
+        self.reference = None
+        self.skipped_minibatches = 0
+        self.val_metrics = PredictionMetrics()
+        self.test_metrics = PredictionMetrics()
+        self._val_generated = 0
+        self._pairs: list[tuple[float, float]] = []
+
+    # ------------------------------------------------------------------ model
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.value_head is None:
+            disable_dropout(self.model)
+            self.value_head = ValueHead(self.model.config.hidden_size)
+            if not self.uses_lora:
+                self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora is not None and self.lora.enabled
+
+    def forward_policy(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
+                       with_values: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Response logits (divided by the temperature) and values.  -> (B, T, V), (B, T)."""
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: count real tokens
+        out = self.model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids,
+                         output_hidden_states=with_values)
+        # Position t predicts token t+1: the response's logits start one before the response.
+        logits = out.logits[:, prompt_length - 1:-1] / self.ppo.temperature  # (B, T, V)
+        values = self.value_head(out.hidden_states[-1][:, prompt_length - 1:-1]) if with_values else None
+        return logits, values
+
+    @torch.no_grad()
+    def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        position_ids = (rollout.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        kwargs = dict(input_ids=rollout.sequences, attention_mask=rollout.attention_mask, position_ids=position_ids)
+        if self.uses_lora:
+            with self.model.disable_adapter():
+                logits = self.model(**kwargs).logits
+        else:
+            logits = self.reference(**kwargs).logits
+        logits = logits[:, rollout.prompt_length - 1:-1] / self.ppo.temperature  # (B, T, V)
+        return pm.logprobs_from_logits(logits, rollout.responses)
+
+    # ------------------------------------------------------------------ the story of one iteration
+    @torch.no_grad()
+    def rollout(self, batch: dict) -> Rollout:
+        """Sample K answers per prompt with temperature, no top-k/top-p; keep the sampled ids."""
+        K = self.ppo.samples_per_prompt
+        prompt_ids = batch["prompt_ids"].repeat_interleave(K, dim=0)    # (B, P)
+        prompt_mask = batch["prompt_mask"].repeat_interleave(K, dim=0)  # (B, P)
+        sequences = self.model.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=self.ppo.max_new_tokens,
+            **sampling_kwargs(self.ppo.temperature),
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+        )                                                               # (B, P + T)
+        P = prompt_ids.size(1)
+        response_mask, finished = response_mask_from_tokens(sequences[:, P:], self.tokenizer.eos_token_id)
+        texts = self.tokenizer.batch_decode(sequences[:, P:] * response_mask, skip_special_tokens=True)
+        targets = batch["targets"].repeat_interleave(K).tolist()
+        smiles = [s for s in batch["smiles"] for _ in range(K)]
+        return Rollout(sequences, torch.cat([prompt_mask, response_mask], dim=1), response_mask, P, texts,
+                       finished.tolist(), targets, smiles)
+
+    def score(self, rollout: Rollout) -> ScoredAnswers:
+        """Parse each answer and grade its error at the curriculum's current tolerance."""
+        return score_answers(rollout.texts, rollout.finished, rollout.targets, self.curriculum.tolerance_c,
+                             self.reward_spec)
+
+    @torch.no_grad()
+    def evaluate(self, rollout: Rollout) -> None:
+        """Log-probs and values of the sampling policy, and the reference's log-probs."""
+        logits, values = self.forward_policy(rollout.sequences, rollout.attention_mask, rollout.prompt_length)
+        rollout.logprobs = pm.logprobs_from_logits(logits, rollout.responses)  # (B, T)
+        rollout.values = values                                                # (B, T)
+        rollout.ref_logprobs = self.reference_logprobs(rollout)                # (B, T)
+
+    @torch.no_grad()
+    def advantages(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
+        """Token rewards (KL penalty + score at the end) -> GAE -> advantages whitened over the batch."""
+        mask = rollout.response_mask
+        rewards = pm.token_rewards(scores.to(self.device), rollout.logprobs, rollout.ref_logprobs, mask,
+                                   self.kl_ctl.value, self.kl_spec.kind)                      # (B, T)
+        advantages, returns = pm.gae(rewards, rollout.values, mask, self.ppo.gamma, self.ppo.lam)  # (B, T)
+        rollout.advantages = pm.masked_whiten(advantages, mask) * mask
+        rollout.returns = returns
+        return rewards
+
+    def update(self, rollout: Rollout, index: torch.Tensor) -> Optional[dict]:
+        """One clipped PPO step on the samples ``index``; None if the minibatch was skipped."""
+        mask = rollout.response_mask[index]                                         # (b, T)
+        logits, values = self.forward_policy(rollout.sequences[index], rollout.attention_mask[index],
+                                             rollout.prompt_length)                 # (b, T, V), (b, T)
+        logprobs = pm.logprobs_from_logits(logits, rollout.responses[index])        # (b, T)
+        pg_loss, pg_clipfrac, approx_kl = pm.policy_loss(logprobs, rollout.logprobs[index],
+                                                         rollout.advantages[index], mask, self.ppo.clip_range)
+        v_loss, v_clipfrac = pm.value_loss(values, rollout.values[index], rollout.returns[index], mask,
+                                           self.ppo.clip_range_value)
+        entropy = pm.entropy_from_logits(logits, mask)
+        loss = pg_loss + self.ppo.vf_coef * v_loss - self.ppo.ent_coef * entropy
+        mean_ratio = pm.masked_mean(torch.exp(logprobs - rollout.logprobs[index]), mask)
+        bad = (~torch.isfinite(loss)) | (mean_ratio > self.ppo.ratio_threshold)
+        if self._any_rank(bad):  # every rank skips together, or DDP would wait forever
+            self.skipped_minibatches += 1
+            return None
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        self.clip_gradients(optimizer, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        return {"policy_loss": pg_loss.detach(), "value_loss": v_loss.detach(), "entropy": entropy.detach(),
+                "clipfrac": pg_clipfrac, "value_clipfrac": v_clipfrac, "approx_kl": approx_kl}
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        started = time.perf_counter()
+        self.model.eval()  # no dropout and no train-only behaviour, in rollout and update alike
+        rollout = self.rollout(batch)
+        scored = self.score(rollout)
+        scores = normalize_scores(scored.rewards, self.ppo.samples_per_prompt, self.reward_spec.normalize)
+        self.evaluate(rollout)
+        rewards = self.advantages(rollout, scores)
+        stats = []
+        B = rollout.sequences.size(0)
+        minibatch = max(B // self.ppo.num_minibatches, 1)
+        for _ in range(self.ppo.ppo_epochs):
+            order = torch.randperm(B, device=self.device)
+            for start in range(0, B, minibatch):
+                result = self.update(rollout, order[start:start + minibatch])
+                if result is not None:
+                    stats.append(result)
+        self._after_iteration(rollout, scored, rewards, stats, time.perf_counter() - started)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _any_rank(self, flag: torch.Tensor) -> bool:
+        if self.trainer.world_size > 1:
+            flag = self.trainer.strategy.reduce(flag.float(), reduce_op="sum")
+        return bool(flag.item() > 0)
+
+    def _gather_successes(self, successes: list[bool]) -> list[bool]:
+        local = torch.tensor(successes, dtype=torch.float32, device=self.device)
+        if self.trainer.world_size > 1:
+            local = self.all_gather(local).reshape(-1)
+        return [bool(s) for s in local.tolist()]
+
+    def _after_iteration(self, rollout: Rollout, scored: ScoredAnswers, rewards: torch.Tensor,
+                         stats: list[dict], seconds: float) -> None:
+        mask = rollout.response_mask.float()
+        B = mask.size(0)
+        kl_per_sequence = (pm.kl_estimate(rollout.logprobs, rollout.ref_logprobs, self.kl_spec.kind) * mask).sum(1).mean()
+        if self.trainer.world_size > 1:
+            kl_per_sequence = self.trainer.strategy.reduce(kl_per_sequence, reduce_op="mean")
+        beta = self.kl_ctl.value
+        self.kl_ctl.update(float(kl_per_sequence), B * self.trainer.world_size)
+        level_before = self.curriculum.level
+        self.curriculum.update(self._gather_successes(scored.successes), self.global_step)
+        if self.curriculum.level != level_before:
+            print(f"chemlit: curriculum level {level_before} -> {self.curriculum.level} "
+                  f"(tolerance {self.curriculum.tolerance_c:g} °C) at iteration {self.global_step}")
+        errors = [e for e in scored.errors if e is not None]
+        log = {
+            "ppo/score_mean": scored.rewards.mean(), "ppo/score_std": scored.rewards.std(unbiased=False),
+            "ppo/sample_mae": float(np.mean(errors)) if errors else math.nan,
+            "ppo/parse_rate": scored.parse_rate, "ppo/success_rate": float(np.mean(scored.successes)),
+            "ppo/kl_per_sequence": kl_per_sequence, "ppo/kl_coef": beta,
+            "ppo/reward_total": (rewards * mask).sum(1).mean(),
+            "ppo/explained_variance": pm.explained_variance(rollout.values, rollout.returns, mask),
+            "ppo/response_length": mask.sum(1).mean(), "ppo/harshness_level": float(self.curriculum.level),
+            "ppo/tolerance_c": self.curriculum.tolerance_c,
+            "ppo/window_success_rate": self.curriculum.success_rate,
+            "ppo/skipped_minibatches": float(self.skipped_minibatches),
+            "ppo/samples_per_second": B / max(seconds, 1e-9),
+        }
+        for key in ("policy_loss", "value_loss", "entropy", "clipfrac", "value_clipfrac", "approx_kl"):
+            if stats:
+                log[f"ppo/{key}"] = torch.stack([s[key] for s in stats]).mean()
+        for key, value in log.items():
+            self.log(key, torch.as_tensor(value, dtype=torch.float32, device=self.device), sync_dist=True,
+                     prog_bar=key in ("ppo/score_mean", "ppo/sample_mae", "ppo/tolerance_c"), batch_size=B)
+        self._log_samples(rollout, scored)
+
+    def _log_samples(self, rollout: Rollout, scored: ScoredAnswers) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if not hasattr(experiment, "add_text") or self.global_step % max(self.trainer.log_every_n_steps, 1):
+            return
+        lines = [f"**{s}** (measured {t:g} °C, reward {r:+.2f})\n\n{text}" for s, t, r, text in
+                 zip(rollout.smiles, rollout.targets, scored.rewards.tolist(), rollout.texts)][: self.log_examples]
+        experiment.add_text("ppo/samples", "\n\n---\n\n".join(lines), self.global_step)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        loader = self.trainer.train_dataloader
+        if hasattr(loader, "mark_trained"):  # the prompt loader resumes exactly where training stopped
+            loader.mark_trained(batch_idx + 1)
+
+    # ------------------------------------------------------------------ optimiser, checkpoints
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad] + list(self.value_head.parameters())
+        optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay, eps=1e-5)
+        return optimizer
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self.warmup_steps:
+            scale = min((self.global_step + 1) / self.warmup_steps, 1.0)
+            for group in self.optimizers().param_groups:
+                group["lr"] = self.learning_rate * scale
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["chemlit_ppo"] = {
+            "kl_controller": self.kl_ctl.state_dict(), "curriculum": self.curriculum.state_dict(),
+            "skipped_minibatches": self.skipped_minibatches,
+            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+                    "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
+                    "numpy": np.random.get_state()[1].tolist(), "numpy_pos": int(np.random.get_state()[2])},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("chemlit_ppo")
+        if state is None:
+            return
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.curriculum.load_state_dict(state["curriculum"])
+        self.skipped_minibatches = int(state["skipped_minibatches"])
+        self._rng_to_restore = state["rng"]
+
+    def on_train_start(self) -> None:
+        rng = getattr(self, "_rng_to_restore", None)
+        if rng is not None:  # restored here, after Lightning's own seeding, so the resumed run continues exactly
+            torch.set_rng_state(torch.as_tensor(rng["torch"], dtype=torch.uint8))
+            random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
+            np.random.set_state(("MT19937", np.array(rng["numpy"], dtype=np.uint32), rng["numpy_pos"], 0, 0.0))
+            self._rng_to_restore = None
+
+    # ------------------------------------------------------------------ validation / test: greedy, like SFT
+    @torch.no_grad()
+    def greedy_answers(self, batch: dict) -> tuple[list[str], torch.Tensor]:
+        out = self.model.generate(
+            input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"], max_new_tokens=self.val_max_new_tokens,
+            do_sample=False, top_k=None, top_p=None, temperature=None,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+        )
+        texts = self.tokenizer.batch_decode(out[:, batch["prompt_ids"].size(1):], skip_special_tokens=True)
+        values = [parse_prediction(t) for t in texts]
+        return texts, torch.tensor([math.nan if v is None else v for v in values], device=self.device)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_generated = 0
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if self.val_generate_limit is not None and self._val_generated >= self.val_generate_limit:
+            return
+        _, values = self.greedy_answers(batch)
+        self._val_generated += values.numel()
+        self.val_metrics.update(values, batch["targets"])
+
+    def on_validation_epoch_end(self) -> None:
+        for name, value in self.val_metrics.compute().items():
+            self.log(f"val/{name}", value, prog_bar=name == "mae", sync_dist=True)
+        self.val_metrics.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self._pairs = []
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        _, values = self.greedy_answers(batch)
+        self.test_metrics.update(values, batch["targets"])
+        self._pairs.extend(zip(values.tolist(), batch["targets"].tolist()))
+
+    def on_test_epoch_end(self) -> None:
+        for name, value in self.test_metrics.compute().items():
+            self.log(f"test/{name}", value, sync_dist=True)
+        self.test_metrics.reset()
+
+    def export_info(self) -> dict:
+        info = super().export_info()
+        info["curriculum_history"] = self.curriculum.history
+        return info
+
+
+def sampling_kwargs(temperature: float) -> dict:
+    """``generate`` arguments for plain sampling from softmax(logits / temperature).
+
+    top_k and top_p are set to None explicitly: a model's generation_config may carry top_k=50 or
+    top_p<1, which would silently truncate the distribution PPO's log-probs assume
+    (tests/test_ppo_stage.py checks that the scores reaching the sampler have no -inf).
+    """
+    return {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None}

@@ -1,0 +1,220 @@
+"""The PPO stage end to end on tiny models: sampling, a toy task it must learn, robustness, resume,
+DDP on two CPU processes, the CLI config, and the walkthrough notebook."""
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from chemlit.cli import main
+from chemlit.data.datamodule import RationaleDataModule
+from chemlit.data.tokenizer import train_smiles_tokenizer
+from chemlit.models.factory import ModelSpec, TinyConfig, build_tiny, export_model
+from chemlit.rl.curriculum import CurriculumSpec
+from chemlit.rl.kl import KLSpec
+from chemlit.rl.rewards import ScoredAnswers
+from chemlit.stages.ppo import PPOModule, PPOSpec, response_mask_from_tokens, sampling_kwargs
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vocab_size=300)
+
+
+def test_response_mask_stops_after_the_first_end_token():
+    eos = 2
+    responses = torch.tensor([[5, 6, 2, 0, 0], [5, 2, 7, 2, 0], [5, 6, 7, 8, 9]])
+    mask, finished = response_mask_from_tokens(responses, eos)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert finished.tolist() == [True, True, False]
+
+
+def test_sampling_is_not_truncated_by_a_models_generation_config():
+    tokenizer = train_smiles_tokenizer(["CCO c1ccccc1 melting point 123"] * 5, vocab_size=300)
+    model = build_tiny(TINY, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
+                       tokenizer.eos_token_id).eval()
+    model.generation_config.top_k = 5     # what a hub model's generation_config may carry
+    model.generation_config.top_p = 0.5
+    ids = torch.tensor([[tokenizer.bos_token_id, 5, 6]])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2,
+                         output_scores=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
+                         **sampling_kwargs(0.7))
+    scores = out.scores[0]  # what the sampler draws from: softmax(logits / 0.7), nothing masked
+    assert torch.isfinite(scores).all()
+    logits = model(input_ids=ids).logits[:, -1]
+    torch.testing.assert_close(scores, logits / 0.7, rtol=1e-4, atol=1e-4)
+
+
+class DigitPPO(PPOModule):
+    """A toy task: the score is the share of sampled tokens that are digits (about 1 in 15 at first)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.raw_scores: list[float] = []
+
+    def score(self, rollout):
+        digits = torch.tensor([i for i in range(len(self.tokenizer)) if self.tokenizer.decode([i]).strip().isdigit()])
+        mask = rollout.response_mask
+        share = (torch.isin(rollout.responses, digits) * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
+        self.raw_scores.append(share.mean().item())
+        n = share.numel()
+        return ScoredAnswers(share.float(), [None] * n, [None] * n, (share > 0.5).tolist())
+
+
+def tiny_ppo(cls=PPOModule, **overrides) -> PPOModule:
+    ppo = dict(samples_per_prompt=4, max_new_tokens=8, ppo_epochs=1, num_minibatches=1)
+    ppo.update(overrides.pop("ppo", {}))
+    kwargs = dict(model=ModelSpec(source="tiny", tiny=TINY), learning_rate=3e-3, ppo=PPOSpec(**ppo),
+                  curriculum=CurriculumSpec(window=16), val_generate_limit=8, val_max_new_tokens=8)
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def tiny_data(table, tmp_path, **overrides) -> RationaleDataModule:
+    kwargs = dict(table=str(table), stage="rl", batch_size=4, eval_batch_size=8, run_dir=str(tmp_path / "data"))
+    kwargs.update(overrides)
+    return RationaleDataModule(**kwargs)
+
+
+def trainer(tmp_path, **overrides) -> L.Trainer:
+    kwargs = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, max_epochs=1, limit_val_batches=0,
+                  default_root_dir=str(tmp_path))
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs)
+
+
+def test_toy_task_ppo_raises_the_reward(tiny_table, tmp_path):
+    L.seed_everything(0)
+    module = tiny_ppo(DigitPPO, ppo=dict(samples_per_prompt=8, ppo_epochs=2, num_minibatches=2))
+    trainer(tmp_path, limit_train_batches=25).fit(module, tiny_data(tiny_table, tmp_path))
+    first, last = module.raw_scores[:5], module.raw_scores[-5:]
+    assert len(module.raw_scores) == 25
+    # digits start as a small share of the sampled tokens and become most of them
+    assert sum(last) / 5 > sum(first) / 5 + 0.3, module.raw_scores
+    assert module.skipped_minibatches == 0
+
+
+def test_non_finite_loss_skips_the_minibatch_and_keeps_the_weights(tiny_table, tmp_path):
+    L.seed_everything(0)
+    module = tiny_ppo(ppo=dict(vf_coef=math.nan, num_minibatches=2))
+    data = tiny_data(tiny_table, tmp_path)
+    fit = trainer(tmp_path, limit_train_batches=2)
+    before = {}
+
+    class Snapshot(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            before.update({k: v.clone() for k, v in pl_module.model.state_dict().items()})
+
+    fit.callbacks.append(Snapshot())
+    fit.fit(module, data)
+    assert module.skipped_minibatches == 4  # 2 iterations x 2 minibatches, all NaN
+    for name, value in module.model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tiny_table, tmp_path):
+    """4 iterations straight vs 2 + resume + 2 (mid-epoch: the epoch has 40 batches)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(max_steps, directory, ckpt_path=None):
+        L.seed_everything(0)
+        module = tiny_ppo(kl=KLSpec(controller="adaptive", coef=0.05, target=0.1, horizon=64))
+        fit = trainer(directory, max_steps=max_steps, max_epochs=-1, enable_checkpointing=True,
+                      callbacks=[ModelCheckpoint(dirpath=directory / "ckpt", save_last=True, every_n_train_steps=1)])
+        fit.fit(module, tiny_data(tiny_table, directory), ckpt_path=ckpt_path)
+        return module
+
+    straight = run(4, tmp_path / "a")
+    run(2, tmp_path / "b")
+    resumed = run(4, tmp_path / "c", ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    assert straight.kl_ctl.value != 0.05  # the adaptive controller moved...
+    assert resumed.kl_ctl.value == pytest.approx(straight.kl_ctl.value)  # ...and the resumed one the same way
+    assert resumed.curriculum.state_dict() == straight.curriculum.state_dict()
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def tiny_sft_export(directory: Path, table: Path) -> Path:
+    """A tiny untrained 'SFT export' with a tokenizer trained on the table: what ppo.yaml starts from."""
+    data = RationaleDataModule(table=str(table), stage="rl", run_dir=str(directory / "data"))
+    data.setup("fit")
+    tokenizer = train_smiles_tokenizer(data.tokenizer_corpus(), vocab_size=TINY.vocab_size)
+    model = build_tiny(TINY, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    return export_model(model, tokenizer, directory / "sft-export", {"stage": "sft"})
+
+
+def test_quickstart_ppo_config_runs_through_the_cli(tiny_table, tmp_path):
+    from test_cli import read_scalars, read_tags
+
+    export = tiny_sft_export(tmp_path, tiny_table)
+    main(["fit", "--config", str(ROOT / "configs" / "quickstart" / "ppo.yaml"),
+          "--model.init_args.model.path", str(export), "--data.table", str(tiny_table),
+          "--data.split_file", "null", "--data.run_dir", str(tmp_path / "rl-data"),
+          "--data.batch_size", "2", "--data.eval_batch_size", "8",
+          "--model.init_args.ppo.samples_per_prompt", "2", "--model.init_args.ppo.max_new_tokens", "8",
+          "--model.init_args.val_generate_limit", "8", "--model.init_args.val_max_new_tokens", "8",
+          "--model.init_args.export_dir", str(tmp_path / "ppo-export"),
+          "--trainer.limit_train_batches", "3", "--trainer.val_check_interval", "3",
+          "--trainer.limit_val_batches", "1",
+          "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false"])
+    run = next((tmp_path / "runs" / "quickstart-ppo").glob("version_*"))
+    scalars = read_scalars(run)
+    for tag in ("ppo/score_mean", "ppo/score_std", "ppo/sample_mae", "ppo/parse_rate", "ppo/kl_per_sequence",
+                "ppo/kl_coef", "ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac", "ppo/approx_kl",
+                "ppo/entropy", "ppo/explained_variance", "ppo/response_length", "ppo/harshness_level",
+                "ppo/samples_per_second", "val/mae", "val/parse_rate"):
+        assert tag in scalars, tag
+    assert len(scalars["ppo/score_mean"]) == 3
+    assert "ppo/samples/text_summary" in read_tags(run, "tensors")
+    assert (tmp_path / "ppo-export" / "model.safetensors").exists()
+    info = json.loads((tmp_path / "ppo-export" / "chemlit_export.json").read_text())
+    assert info["stage"] == "ppo" and info["curriculum_history"][0] == [0, 0]
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import json, sys, torch, lightning as L
+    sys.path.insert(0, {tests!r})
+    from test_ppo_stage import tiny_ppo, tiny_data, trainer
+    L.seed_everything(0)
+    module = tiny_ppo()
+    fit = trainer({tmp!r}, strategy="ddp", devices=2, limit_train_batches=3)
+    fit.fit(module, tiny_data({table!r}, __import__("pathlib").Path({tmp!r})))
+    checksum = sum(p.double().sum().item() for p in module.model.parameters())
+    out = {{"rank": fit.global_rank, "world": fit.world_size, "checksum": checksum,
+            "curriculum": module.curriculum.state_dict(), "beta": module.kl_ctl.value}}
+    with open({tmp!r} + f"/rank{{fit.global_rank}}.json", "w") as f:
+        json.dump(out, f)
+""")
+
+
+def test_ddp_two_cpu_processes_stay_in_step(tiny_table, tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), table=str(tiny_table)))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                            cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    # gradients are averaged across ranks, so both copies of the policy are the same after training,
+    # and the curriculum saw the successes of both ranks
+    assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-6)
+    assert ranks[0]["curriculum"] == ranks[1]["curriculum"]
+    assert ranks[0]["beta"] == ranks[1]["beta"]
+
+
+def test_walkthrough_notebook_executes():
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(ROOT / "notebooks" / "ppo_walkthrough.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    outputs = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
+    assert "policy loss" in outputs and "GAE advantages" in outputs
+    errors = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs
+              if o.get("output_type") == "error"]
+    assert not errors
