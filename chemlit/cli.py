@@ -50,6 +50,11 @@ class ChemlitCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     quiet_known_noise()
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["pipeline"]:  # CPT -> SFT -> PPO -> test in one command
+        from chemlit.pipeline import main as pipeline_main
+
+        return pipeline_main(argv[1:])
     try:
         ChemlitCLI(args=args)
     except (DataError, FileNotFoundError) as err:  # bad input or a wrong path: the user's to fix

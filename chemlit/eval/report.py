@@ -35,6 +35,8 @@ def read_predictions(path: str | Path) -> dict[str, float]:
 
 def _row(name: str, predicted: np.ndarray, truth: np.ndarray) -> str:
     parsed = ~np.isnan(predicted)
+    if not parsed.any():
+        return f"| {name} | no answer with a number | – | – | 0.0% |"
     errors = np.abs(predicted[parsed] - truth[parsed])
     rmse = float(np.sqrt(np.mean(errors ** 2)))
     r2 = 1.0 - float(np.sum((predicted[parsed] - truth[parsed]) ** 2) / np.sum((truth[parsed] - truth[parsed].mean()) ** 2))

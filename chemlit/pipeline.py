@@ -1,0 +1,153 @@
+"""``python -m chemlit pipeline``: CPT -> SFT -> PPO -> test, in one command, resumable.
+
+Each stage is an ordinary ``python -m chemlit fit --config ...`` run (the same LightningCLI, the
+same YAML files you can run by hand); the pipeline only puts them in order, points each stage at
+the previous stage's export and at one shared split file, and at the end answers the test
+molecules with the SFT and the PPO model and writes one report (MAE with bootstrap intervals,
+baselines, paired differences).
+
+Resuming: a stage whose export directory exists is done (exports are written whole or not at
+all) and is skipped; a stage that was interrupted restarts from its newest ``last.ckpt``. Run the
+same command again after an interruption. ``--fresh`` deletes the pipeline's runs first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from chemlit.cli import main as cli_main
+
+
+@dataclass
+class Stage:
+    name: str
+    configs: list[str]   # YAML files, relative to --configs
+    experiment: str      # TensorBoard run name (runs/<experiment>/version_N)
+
+
+STAGES = [
+    Stage("cpt", ["cpt.yaml"], "cpt"),
+    Stage("sft", ["sft.yaml", "after_cpt.yaml"], "sft"),
+    Stage("ppo", ["ppo.yaml"], "ppo"),
+]
+
+
+def newest(root: Path, pattern: str) -> Path | None:
+    found = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def newest_last_checkpoint(log_root: Path) -> Path | None:
+    return newest(log_root, "version_*/checkpoints/last*.ckpt")
+
+
+def stage_args(stage: Stage, configs: Path, runs: Path, split_file: Path, previous_export: Path | None,
+               table: str, extra: list[str]) -> list[str]:
+    args = ["fit"]
+    for name in stage.configs:
+        args += ["--config", str(configs / name)]
+    args += ["--data.table", table, "--trainer.logger.init_args.save_dir", str(runs),
+             "--trainer.logger.init_args.name", stage.experiment,
+             "--model.init_args.export_dir", str(runs / stage.experiment / "export"),
+             "--data.run_dir", str(runs / stage.experiment)]
+    if stage.name == "cpt":
+        args += ["--data.split_file", "null"]  # the first stage makes the split...
+    else:
+        args += ["--data.split_file", str(split_file)]  # ...every later stage reuses it
+    if previous_export is not None:
+        args += ["--model.init_args.model.source", "pretrained", "--model.init_args.model.path", str(previous_export)]
+    return args + extra
+
+
+def predict_args(configs: Path, runs: Path, split_file: Path, export: Path, name: str, table: str) -> list[str]:
+    """Greedy answers for the test molecules, through the SFT stage's predict (same decoding for all)."""
+    return ["predict", "--config", str(configs / "sft.yaml"), "--data.table", table,
+            "--model.init_args.model.source", "pretrained", "--model.init_args.model.path", str(export),
+            "--data.split_file", str(split_file), "--data.predict_split", "test",
+            "--trainer.logger.init_args.save_dir", str(runs), "--trainer.logger.init_args.name", f"test-{name}"]
+
+
+def run_pipeline(configs: Path, runs: Path, table: str = "builtin", fresh: bool = False,
+                 stages: list[str] | None = None, extra: dict[str, list[str]] | None = None) -> dict:
+    """Run the stages in order; returns where everything is and the report's text."""
+    from chemlit.eval.report import build_report, read_predictions
+
+    extra = extra or {}
+    if not configs.is_dir():
+        raise SystemExit(f"chemlit pipeline: error: no config directory {configs} (run from the repository root "
+                         "or pass --configs)")
+    if fresh and runs.exists():
+        shutil.rmtree(runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    split_file = runs / "cpt" / "splits.csv"
+    previous_export: Path | None = None
+    timings: dict[str, float] = {}
+    selected = [s for s in STAGES if stages is None or s.name in stages]
+    for number, stage in enumerate(selected, 1):
+        export = runs / stage.experiment / "export"
+        header = f"[{number}/{len(selected)} {stage.name}]"
+        if export.is_dir():
+            print(f"chemlit pipeline {header} done earlier: {export}", flush=True)
+        else:
+            args = stage_args(stage, configs, runs, split_file, previous_export, table,
+                              extra.get(stage.name, []))
+            checkpoint = newest_last_checkpoint(runs / stage.experiment)
+            if checkpoint is not None:
+                print(f"chemlit pipeline {header} resuming from {checkpoint}", flush=True)
+                args += ["--ckpt_path", str(checkpoint)]
+            print(f"chemlit pipeline {header} python -m chemlit {' '.join(args)}", flush=True)
+            started = time.perf_counter()
+            cli_main(args)
+            timings[stage.name] = time.perf_counter() - started
+        previous_export = export
+    # ------------------------------------------------------------------ test: SFT and PPO on the same molecules
+    predictions = {}
+    for name in ("ppo", "sft"):
+        export = runs / name / "export"
+        if not export.is_dir():
+            continue
+        out = newest(runs / f"test-{name}", "version_*/predictions.csv")
+        if out is None or out.stat().st_mtime < export.stat().st_mtime:  # none yet, or for an older export
+            started = time.perf_counter()
+            cli_main(predict_args(configs, runs, split_file, export, name, table) + extra.get("test", []))
+            timings[f"test-{name}"] = time.perf_counter() - started
+            out = newest(runs / f"test-{name}", "version_*/predictions.csv")
+        predictions[f"{name.upper()} model (greedy)"] = read_predictions(out)
+    report = build_report(predictions, str(split_file), table) if predictions else ""
+    if report:
+        tmp = runs / f"report.md.tmp{os.getpid()}"
+        tmp.write_text(report, encoding="utf-8")
+        os.replace(tmp, runs / "report.md")
+    return {"runs": runs, "timings": timings, "report": report}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m chemlit pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default="configs/quickstart", help="directory with cpt/sft/after_cpt/ppo.yaml")
+    parser.add_argument("--runs", default="runs/pipeline", help="where runs, TensorBoard logs and exports go")
+    parser.add_argument("--table", default="builtin", help="builtin, or your own table (CSV/JSONL/Parquet/...)")
+    parser.add_argument("--fresh", action="store_true", help="delete --runs first instead of resuming")
+    parser.add_argument("--stages", nargs="+", choices=[s.name for s in STAGES], help="only these stages")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    result = run_pipeline(Path(args.configs), Path(args.runs), args.table, args.fresh, args.stages)
+    runs = result["runs"]
+    print("\n" + "=" * 78)
+    print(f"chemlit pipeline finished in {(time.perf_counter() - started) / 60:.1f} min "
+          + " ".join(f"({k} {v / 60:.1f} min)" for k, v in result["timings"].items()))
+    for stage in STAGES:
+        print(f"  {stage.name:>4} export: {runs / stage.experiment / 'export'}")
+    print(f"  TensorBoard: tensorboard --logdir {runs}")
+    if result["report"]:
+        print(f"  report:      {runs / 'report.md'}\n")
+        print(result["report"])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
