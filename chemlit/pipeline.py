@@ -48,14 +48,16 @@ def newest_last_checkpoint(log_root: Path) -> Path | None:
 
 
 def stage_args(stage: Stage, configs: Path, runs: Path, split_file: Path, previous_export: Path | None,
-               table: str, extra: list[str]) -> list[str]:
+               table: str, extra: list[str], experiment: str | None = None) -> list[str]:
+    """The ``fit`` arguments of one stage; ``experiment`` renames its run (ablations of a stage)."""
+    experiment = experiment or stage.experiment
     args = ["fit"]
     for name in stage.configs:
         args += ["--config", str(configs / name)]
     args += ["--data.table", table, "--trainer.logger.init_args.save_dir", str(runs),
-             "--trainer.logger.init_args.name", stage.experiment,
-             "--model.init_args.export_dir", str(runs / stage.experiment / "export"),
-             "--data.run_dir", str(runs / stage.experiment)]
+             "--trainer.logger.init_args.name", experiment,
+             "--model.init_args.export_dir", str(runs / experiment / "export"),
+             "--data.run_dir", str(runs / experiment)]
     if stage.name == "cpt":
         args += ["--data.split_file", "null"]  # the first stage makes the split...
     else:

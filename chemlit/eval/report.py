@@ -33,18 +33,31 @@ def read_predictions(path: str | Path) -> dict[str, float]:
                 for row in csv.DictReader(handle)}
 
 
-def _row(name: str, predicted: np.ndarray, truth: np.ndarray) -> str:
+def model_metrics(predicted: np.ndarray, truth: np.ndarray) -> dict:
+    """MAE [95% CI], RMSE, R² over the answers with a number, and the parse rate."""
     parsed = ~np.isnan(predicted)
     if not parsed.any():
-        return f"| {name} | no answer with a number | – | – | 0.0% |"
+        return {"mae": math.nan, "mae_low": math.nan, "mae_high": math.nan, "rmse": math.nan, "r2": math.nan,
+                "parse_rate": 0.0, "n": int(predicted.size)}
     errors = np.abs(predicted[parsed] - truth[parsed])
-    rmse = float(np.sqrt(np.mean(errors ** 2)))
+    interval = bootstrap_mae(errors)
     r2 = 1.0 - float(np.sum((predicted[parsed] - truth[parsed]) ** 2) / np.sum((truth[parsed] - truth[parsed].mean()) ** 2))
-    return f"| {name} | {bootstrap_mae(errors)} | {rmse:.1f} | {r2:.2f} | {parsed.mean():.1%} |"
+    return {"mae": interval.estimate, "mae_low": interval.low, "mae_high": interval.high,
+            "rmse": float(np.sqrt(np.mean(errors ** 2))), "r2": r2, "parse_rate": float(parsed.mean()),
+            "n": int(predicted.size)}
 
 
-def build_report(predictions: dict[str, dict[str, float]], split_file: str, table: str = "builtin",
-                 trees: int = 300) -> str:
+def _row(name: str, predicted: np.ndarray, truth: np.ndarray) -> str:
+    m = model_metrics(predicted, truth)
+    if m["parse_rate"] == 0:
+        return f"| {name} | no answer with a number | – | – | 0.0% |"
+    return (f"| {name} | {m['mae']:.1f} [{m['mae_low']:.1f}, {m['mae_high']:.1f}] | {m['rmse']:.1f} | "
+            f"{m['r2']:.2f} | {m['parse_rate']:.1%} |")
+
+
+def evaluation_columns(predictions: dict[str, dict[str, float]], split_file: str, table: str = "builtin",
+                       trees: int = 300):
+    """The test molecules the predictions cover, their truth, and every model's and baseline's answers."""
     train, test = train_test_records(table, split_file)
     first = next(iter(predictions.values()))
     test = [r for r in test if r.smiles in first]
@@ -56,6 +69,15 @@ def build_report(predictions: dict[str, dict[str, float]], split_file: str, tabl
     columns["mean of training targets"] = mean
     columns["random forest on RDKit descriptors"] = random_forest_baseline(
         [r.smiles for r in train], [r.target for r in train], [r.smiles for r in test], trees)
+    return train, test, truth, mean, columns
+
+
+def build_report(predictions: dict[str, dict[str, float]], split_file: str, table: str = "builtin",
+                 trees: int = 300, pairs: list[tuple[str, str]] | None = None, evaluated=None) -> str:
+    """Markdown report. ``pairs`` lists (a, b) for paired ΔMAE = MAE(a) − MAE(b); by default the first
+    model against every other model and baseline. ``evaluated``: a result of evaluation_columns
+    (the forest is trained once when a caller needs the numbers twice)."""
+    train, test, truth, mean, columns = evaluated or evaluation_columns(predictions, split_file, table, trees)
     lines = [f"# Report: {len(test)} test molecules, {len(train)} training molecules", "",
              f"Split file: `{split_file}`. Intervals: 95% bootstrap over molecules (2,000 resamples).", "",
              "| model | MAE °C [95% CI] | RMSE °C | R² | parse rate |", "|---|---|---|---|---|"]
@@ -63,11 +85,12 @@ def build_report(predictions: dict[str, dict[str, float]], split_file: str, tabl
     lines += ["", "Paired differences of MAE on the same molecules (negative: the model is better):", "",
               "| comparison | ΔMAE °C [95% CI] | significant |", "|---|---|---|"]
     names = list(predictions)
-    others = [n for n in columns if n != names[0]]
+    if pairs is None:
+        pairs = [(names[0], other) for other in columns if other != names[0]]
     filled = {n: np.where(np.isnan(v), mean, v) for n, v in columns.items()}
-    for other in others:
-        delta = paired_bootstrap_delta(np.abs(filled[names[0]] - truth), np.abs(filled[other] - truth))
-        lines.append(f"| {names[0]} − {other} | {delta} | {'yes' if delta.excludes_zero() else 'no'} |")
+    for first, other in pairs:
+        delta = paired_bootstrap_delta(np.abs(filled[first] - truth), np.abs(filled[other] - truth))
+        lines.append(f"| {first} − {other} | {delta} | {'yes' if delta.excludes_zero() else 'no'} |")
     unparsed = {n: int(np.isnan(v).sum()) for n, v in columns.items() if np.isnan(v).any()}
     if unparsed:
         lines += ["", "Answers without a number, scored as the training mean in paired comparisons: "

@@ -1,0 +1,1 @@
+"""Benchmarks: the report on the pipeline's test molecules and PPO throughput against TRL."""

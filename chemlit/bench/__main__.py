@@ -1,0 +1,178 @@
+"""``python -m chemlit.bench``: the benchmark report (not a test; it takes a while).
+
+    python -m chemlit.bench report     --runs runs/pipeline [--out benchmarks]
+    python -m chemlit.bench throughput [--out benchmarks] [--trl-dir .bench-trl]
+
+``report`` starts from a finished ``python -m chemlit pipeline`` run directory and adds, on the
+same split and the same test molecules:
+  * the rationale ablation: the SFT stage again from the same CPT export with
+    ``data.use_rationale=false`` (the number straight after the prompt), same epochs;
+  * the curriculum ablation: the PPO stage again from the same SFT export, strict from step one
+    (the last harshness level only), same iterations;
+then answers the test molecules with every model (greedy) and writes ``report.md`` and
+``report.csv``: mean predictor, random forest, SFT, PPO and the ablations, MAE with 95% bootstrap
+intervals, RMSE, R², parse rate, and paired-bootstrap differences. ``throughput`` times one PPO
+iteration of chemlit against TRL 0.11.4 (see chemlit/bench/throughput.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+from chemlit.cli import main as cli_main
+from chemlit.pipeline import STAGES, newest, predict_args, stage_args
+
+SFT, PPO = "SFT (rationale, greedy)", "PPO (curriculum, greedy)"
+SFT_NO_RATIONALE, PPO_STRICT = "SFT without rationale (greedy)", "PPO strict from step one (greedy)"
+
+
+def machine() -> str:
+    import torch
+
+    return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), {platform.system()}")
+
+
+def run_ablation(name: str, stage_name: str, configs: Path, runs: Path, table: str, previous: Path,
+                 overrides: list[str]) -> tuple[Path, float]:
+    """Fit one ablation stage (skipped when its export exists); returns its export and wall time."""
+    stage = next(s for s in STAGES if s.name == stage_name)
+    export = runs / name / "export"
+    if export.is_dir():
+        return export, 0.0
+    args = stage_args(stage, configs, runs, runs / "cpt" / "splits.csv", previous, table, overrides, name)
+    started = time.perf_counter()
+    cli_main(args)
+    return export, time.perf_counter() - started
+
+
+def predictions_for(name: str, export: Path, configs: Path, runs: Path, table: str, extra: list[str]) -> Path:
+    out = newest(runs / f"test-{name}", "version_*/predictions.csv")
+    if out is None or out.stat().st_mtime < export.stat().st_mtime:
+        split = runs / "cpt" / "splits.csv"
+        cli_main(predict_args(configs, runs, split, export, name, table) + extra)
+        out = newest(runs / f"test-{name}", "version_*/predictions.csv")
+    return out
+
+
+def report(runs: Path, out: Path, configs: Path, table: str) -> str:
+    from chemlit.eval.report import build_report, evaluation_columns, model_metrics, read_predictions
+
+    for stage in ("cpt", "sft", "ppo"):
+        if not (runs / stage / "export").is_dir():
+            raise SystemExit(f"chemlit bench: {runs / stage / 'export'} is missing: run `python -m chemlit "
+                             f"pipeline --runs {runs}` first")
+    timings = {}
+    no_rationale, timings["sft-no-rationale"] = run_ablation(
+        "sft-no-rationale", "sft", configs, runs, table, runs / "cpt" / "export", ["--data.use_rationale", "false"])
+    strict, timings["ppo-strict"] = run_ablation("ppo-strict", "ppo", configs, runs, table, runs / "sft" / "export",
+                                                 strict_level_args(configs))
+    models = {PPO: ("ppo", runs / "ppo" / "export", []), SFT: ("sft", runs / "sft" / "export", []),
+              PPO_STRICT: ("ppo-strict", strict, []),
+              SFT_NO_RATIONALE: ("sft-no-rationale", no_rationale, ["--data.use_rationale", "false"])}
+    predictions = {label: read_predictions(predictions_for(name, export, configs, runs, table, extra))
+                   for label, (name, export, extra) in models.items()}
+    split = str(runs / "cpt" / "splits.csv")
+    evaluated = evaluation_columns(predictions, split, table)
+    pairs = [(PPO, SFT), (PPO_STRICT, SFT), (PPO, PPO_STRICT), (SFT, SFT_NO_RATIONALE),
+             (PPO, "random forest on RDKit descriptors"), (SFT, "mean of training targets")]
+    text = build_report(predictions, split, table, pairs=pairs, evaluated=evaluated)
+    _, _, truth, _, columns = evaluated
+    rows = [{"model": name, **model_metrics(values, truth)} for name, values in columns.items()]
+    out.mkdir(parents=True, exist_ok=True)
+    header = [f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}.",
+              f"Made by: `python -m chemlit.bench report --runs {runs}` after `python -m chemlit pipeline --runs {runs}`.",
+              ""]
+    curriculum = _curriculum_path(runs / "ppo" / "export")
+    if curriculum:
+        header += [f"PPO curriculum path (iteration, level): {curriculum}", ""]
+    throughput = out / "throughput.json"
+    tail = ["", throughput_markdown(json.loads(throughput.read_text()))] if throughput.exists() else []
+    text = text.replace("\n", "\n" + "\n".join(header) + "\n", 1) + "\n".join(tail)
+    _write(out / "report.md", text)
+    _write_csv(out / "report.csv", rows)
+    return text
+
+
+def strict_level_args(configs: Path) -> list[str]:
+    """start_level = the last level of the PPO config's own curriculum."""
+    import yaml
+
+    config = yaml.safe_load((configs / "ppo.yaml").read_text())
+    levels = config["model"]["init_args"]["curriculum"]["tolerances_c"]
+    return ["--model.init_args.curriculum.start_level", str(len(levels) - 1)]
+
+
+def _curriculum_path(export: Path):
+    info = export / "chemlit_export.json"
+    return json.loads(info.read_text()).get("curriculum_history") if info.exists() else None
+
+
+def throughput_markdown(summary: dict) -> str:
+    setup, ours, theirs = summary["setup"], summary["chemlit"], summary["trl"]
+    return "\n".join([
+        "## PPO iteration throughput: chemlit vs TRL " + theirs.get("trl_version", "0.11.4"), "",
+        f"Same model ({setup['model']}), {setup['samples_per_iteration']} samples per iteration "
+        f"({setup['prompts']} prompts x {setup['samples_per_prompt']}), up to {setup['max_new_tokens']} new tokens, "
+        f"{setup['ppo_epochs']} PPO epochs x {setup['minibatches']} minibatches; mean of "
+        f"{setup['timed_iterations']} iterations after one warm-up. "
+        "Made by: `python -m chemlit.bench throughput`.", "",
+        "| implementation | s / iteration | samples / s |", "|---|---|---|",
+        f"| chemlit PPOModule | {sum(ours['seconds_per_iteration']) / len(ours['seconds_per_iteration']):.2f} | "
+        f"{ours['samples_per_second']:.1f} |",
+        f"| TRL {theirs.get('trl_version', '')} PPOTrainer.generate + step | "
+        f"{sum(theirs['seconds_per_iteration']) / len(theirs['seconds_per_iteration']):.2f} | "
+        f"{theirs['samples_per_second']:.1f} |", "",
+        f"Ratio chemlit / TRL: **{summary['ratio_chemlit_over_trl']:.2f}x**. Rollout: chemlit "
+        f"{ours['rollout_tokens_per_second']:.0f} tokens/s vs the model's own cached `generate` loop "
+        f"{ours['generate_tokens_per_second']:.0f} tokens/s on the same prompts.", ""])
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m chemlit.bench", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    rep = sub.add_parser("report", help="ablations + one report on the pipeline's test molecules")
+    rep.add_argument("--runs", default="runs/pipeline")
+    rep.add_argument("--configs", default="configs/quickstart")
+    rep.add_argument("--table", default="builtin")
+    rep.add_argument("--out", default="benchmarks")
+    thr = sub.add_parser("throughput", help="one PPO iteration: chemlit vs TRL 0.11.4")
+    thr.add_argument("--out", default="benchmarks")
+    thr.add_argument("--trl-dir", default=".bench-trl", help="where TRL 0.11.4 is installed (--no-deps)")
+    thr.add_argument("--iterations", type=int, default=3)
+    args = parser.parse_args(argv)
+    from chemlit.cli import quiet_known_noise
+
+    quiet_known_noise()
+    if args.command == "throughput":
+        from chemlit.bench.throughput import run
+
+        summary = run(Path(args.out), Path(args.trl_dir), iterations=args.iterations)
+        print(throughput_markdown(summary))
+    else:
+        print(report(Path(args.runs), Path(args.out), Path(args.configs), args.table))
+
+
+if __name__ == "__main__":
+    main()

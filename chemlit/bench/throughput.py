@@ -1,0 +1,141 @@
+"""Samples per second of one PPO iteration: chemlit's PPOModule against TRL 0.11.4's PPOTrainer.
+
+Both get the same tiny model (3.5M-parameter Llama, random weights, saved once and loaded by both),
+the same prompts (16 molecules x 8 samples = 128 per iteration), the same response budget, the
+same PPO epochs and minibatches. An iteration is rollout (sampling) + the whole update; the first
+iteration of each is a warm-up and is not counted. Also measured: rollout tokens/s of chemlit's
+rollout against the model's own cached decoding loop (``generate``) on the same prompts.
+
+TRL runs in a subprocess whose path holds TRL 0.11.4 installed with ``--no-deps`` into
+``--trl-dir`` (done on first use; the last TRL with ``PPOTrainer.step``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+TRL_PACKAGES = ["trl==0.11.4", "tyro", "docstring_parser", "shtab", "typeguard"]
+
+
+def ensure_trl(trl_dir: Path) -> Path:
+    if not (trl_dir / "trl" / "__init__.py").exists():
+        print(f"chemlit bench: installing TRL 0.11.4 (--no-deps) into {trl_dir}", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(trl_dir),
+                        *TRL_PACKAGES], check=True)
+    return trl_dir
+
+
+def bench_model_and_prompts(directory: Path, prompts: int, samples_per_prompt: int, seed: int = 0):
+    """A tiny model with random weights and a tokenizer trained on the built-in table's texts."""
+    from chemlit.data.datamodule import RationaleDataModule
+    from chemlit.data.tokenizer import train_smiles_tokenizer
+    from chemlit.models.factory import TinyConfig, build_tiny, export_model
+
+    data = RationaleDataModule(stage="rl", batch_size=prompts, run_dir=str(directory / "data"), seed=seed)
+    data.setup("fit")
+    tokenizer = train_smiles_tokenizer(data.tokenizer_corpus(), vocab_size=1024)
+    torch.manual_seed(seed)
+    model = build_tiny(TinyConfig(), len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
+                       tokenizer.eos_token_id)
+    export_model(model, tokenizer, directory / "model", {"stage": "bench"})
+    data.tokenizer = tokenizer
+    batch = data.collate_rl(data.examples("train")[:prompts])
+    ids = [[int(t) for t, m in zip(row, mask) if m] for row, mask in zip(batch["prompt_ids"], batch["prompt_mask"])]
+    (directory / "prompts.json").write_text(json.dumps([p for p in ids for _ in range(samples_per_prompt)]))
+    return data, directory / "model"
+
+
+class IterationTimer(L.Callback):
+    def __init__(self):
+        self.seconds: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seconds.append(time.perf_counter() - self._started)
+
+
+def chemlit_iterations(data, model_dir: Path, samples_per_prompt: int, max_new_tokens: int, ppo_epochs: int,
+                       minibatches: int, iterations: int) -> dict:
+    from chemlit.models.factory import ModelSpec
+    from chemlit.rl.kl import KLSpec
+    from chemlit.stages.ppo import PPOModule, PPOSpec
+
+    L.seed_everything(0)
+    module = PPOModule(model=ModelSpec(source="pretrained", path=str(model_dir)), learning_rate=1e-4,
+                       ppo=PPOSpec(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
+                                   ppo_epochs=ppo_epochs, num_minibatches=minibatches),
+                       kl=KLSpec(coef=0.02, kind="k1"))
+    timer = IterationTimer()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=iterations + 1,
+                            limit_val_batches=0, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+                            default_root_dir=tmp)
+        module.export_dir = os.path.join(tmp, "export")
+        trainer.fit(module, data)
+    # rollout alone, and the model's own cached decoding loop on the same prompts
+    batch = next(iter(data.train_dataloader()))
+    module.model.eval()
+    started = time.perf_counter()
+    rollout = module.rollout(batch)
+    rollout_seconds = time.perf_counter() - started
+    rollout_tokens = int(rollout.response_mask.sum())
+    K = samples_per_prompt
+    started = time.perf_counter()
+    with torch.no_grad():
+        out = module.model.generate(input_ids=batch["prompt_ids"].repeat_interleave(K, 0),
+                                    attention_mask=batch["prompt_mask"].repeat_interleave(K, 0),
+                                    max_new_tokens=max_new_tokens, do_sample=True, top_k=None, top_p=None,
+                                    pad_token_id=module.tokenizer.pad_token_id,
+                                    eos_token_id=module.tokenizer.eos_token_id)
+    generate_seconds = time.perf_counter() - started
+    generated = out[:, batch["prompt_ids"].size(1):]
+    generate_tokens = int(((generated != module.tokenizer.pad_token_id)).sum())
+    return {"seconds_per_iteration": timer.seconds[1:], "rollout_tokens_per_second": rollout_tokens / rollout_seconds,
+            "generate_tokens_per_second": generate_tokens / generate_seconds}
+
+
+def run(out_dir: Path, trl_dir: Path, prompts: int = 16, samples_per_prompt: int = 8, max_new_tokens: int = 96,
+        ppo_epochs: int = 2, minibatches: int = 4, iterations: int = 3) -> dict:
+    ensure_trl(trl_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data, model_dir = bench_model_and_prompts(tmp, prompts, samples_per_prompt)
+        ours = chemlit_iterations(data, model_dir, samples_per_prompt, max_new_tokens, ppo_epochs, minibatches,
+                                  iterations)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(trl_dir), os.environ.get("PYTHONPATH", "")]))
+        result = subprocess.run(
+            [sys.executable, "-m", "chemlit.bench.trl_step", "--model", str(model_dir), "--prompts",
+             str(tmp / "prompts.json"), "--max-new-tokens", str(max_new_tokens), "--ppo-epochs", str(ppo_epochs),
+             "--minibatches", str(minibatches), "--iterations", str(iterations)],
+            capture_output=True, text=True, env=env)
+        if result.returncode:
+            raise SystemExit(f"chemlit bench: the TRL run failed:\n{result.stderr[-3000:]}")
+        theirs = json.loads(result.stdout.strip().splitlines()[-1])
+    samples = prompts * samples_per_prompt
+    ours_sps = samples / (sum(ours["seconds_per_iteration"]) / len(ours["seconds_per_iteration"]))
+    theirs_sps = samples / (sum(theirs["seconds_per_iteration"]) / len(theirs["seconds_per_iteration"]))
+    summary = {
+        "setup": {"model": "tiny Llama 3.5M, random weights", "prompts": prompts, "samples_per_prompt": samples_per_prompt,
+                  "samples_per_iteration": samples, "max_new_tokens": max_new_tokens, "ppo_epochs": ppo_epochs,
+                  "minibatches": minibatches, "timed_iterations": iterations, "torch_threads": torch.get_num_threads()},
+        "chemlit": {**ours, "samples_per_second": ours_sps},
+        "trl": {**theirs, "samples_per_second": theirs_sps},
+        "ratio_chemlit_over_trl": ours_sps / theirs_sps,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp_out = out_dir / f"throughput.json.tmp{os.getpid()}"
+    tmp_out.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp_out, out_dir / "throughput.json")
+    return summary

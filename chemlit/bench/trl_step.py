@@ -1,0 +1,65 @@
+"""TRL 0.11.4's PPOTrainer on the same model, prompts and shapes as chemlit's PPO iteration.
+
+Run by ``python -m chemlit.bench throughput`` in a separate process whose path holds TRL 0.11.4
+(installed with ``--no-deps``: it is not a chemlit dependency). Prints one JSON line.
+Each iteration is what a TRL user writes: ``ppo_trainer.generate`` (sampling, top_k=0, top_p=1)
+then ``ppo_trainer.step(queries, responses, rewards)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--prompts", required=True, help="JSON list of token-id lists (one per sample)")
+    parser.add_argument("--max-new-tokens", type=int, required=True)
+    parser.add_argument("--ppo-epochs", type=int, required=True)
+    parser.add_argument("--minibatches", type=int, required=True)
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+
+    import trl
+    from transformers import AutoTokenizer
+    from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+
+    torch.manual_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(args.model)
+    reference = AutoModelForCausalLMWithValueHead.from_pretrained(args.model)
+    prompts = [torch.tensor(p) for p in json.loads(open(args.prompts).read())]
+    batch = len(prompts)
+    config = PPOConfig(batch_size=batch, mini_batch_size=batch // args.minibatches, ppo_epochs=args.ppo_epochs,
+                       learning_rate=args.learning_rate, init_kl_coef=0.02, adap_kl_ctrl=False, kl_penalty="full"
+                       if False else "kl", seed=args.seed, log_with=None)
+    trainer = PPOTrainer(config, model, reference, tokenizer)
+    gen_kwargs = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0, "min_length": -1,
+                  "max_new_tokens": args.max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
+                  "eos_token_id": tokenizer.eos_token_id}
+    times, rollout_times, lengths = [], [], []
+    for iteration in range(args.iterations + 1):  # the first iteration warms up and is not counted
+        started = time.perf_counter()
+        responses = trainer.generate(prompts, batch_size=batch, return_prompt=False, **gen_kwargs)
+        rolled = time.perf_counter()
+        rewards = [torch.tensor(float(len(r) % 3) - 1.0) for r in responses]  # any scalar per sample
+        trainer.step(prompts, responses, rewards)
+        if iteration:
+            times.append(time.perf_counter() - started)
+            rollout_times.append(rolled - started)
+            lengths.append(sum(len(r) for r in responses) / batch)
+    print(json.dumps({"trl_version": trl.__version__, "samples": batch, "seconds_per_iteration": times,
+                      "rollout_seconds": rollout_times, "mean_response_length": lengths}))
+
+
+if __name__ == "__main__":
+    main()
