@@ -1,7 +1,7 @@
 """``python -m chemlit.bench``: the benchmark report (not a test; it takes a while).
 
-    python -m chemlit.bench report     --runs runs/pipeline [--out benchmarks]
-    python -m chemlit.bench throughput [--out benchmarks] [--trl-dir .bench-trl]
+    python -m chemlit.bench report     --runs runs/pipeline [--out chemlit/bench/results]
+    python -m chemlit.bench throughput [--out chemlit/bench/results] [--trl-dir .bench-trl]
 
 ``report`` starts from a finished ``python -m chemlit pipeline`` run directory and adds, on the
 same split and the same test molecules:
@@ -89,6 +89,9 @@ def report(runs: Path, out: Path, configs: Path, table: str) -> str:
     header = [f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}.",
               f"Made by: `python -m chemlit.bench report --runs {runs}` after `python -m chemlit pipeline --runs {runs}`.",
               ""]
+    ran = [f"{name} {seconds / 60:.1f} min" for name, seconds in timings.items() if seconds]
+    if ran:
+        header += [f"Ablation runs (wall time): {', '.join(ran)}.", ""]
     curriculum = _curriculum_path(runs / "ppo" / "export")
     if curriculum:
         header += [f"PPO curriculum path (iteration, level): {curriculum}", ""]
@@ -97,7 +100,24 @@ def report(runs: Path, out: Path, configs: Path, table: str) -> str:
     text = text.replace("\n", "\n" + "\n".join(header) + "\n", 1) + "\n".join(tail)
     _write(out / "report.md", text)
     _write_csv(out / "report.csv", rows)
+    _parity_png(out / "parity.png", {name: columns[name] for name in (SFT, PPO)}, truth)
     return text
+
+
+def _parity_png(path: Path, models: dict, truth) -> None:
+    """Predicted vs measured for the test molecules, one panel per model (for the README)."""
+    import matplotlib.pyplot as plt
+
+    from chemlit.eval.plots import parity_figure
+
+    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 4.5), dpi=100)
+    for ax, (name, values) in zip(axes, models.items()):
+        parity_figure(values.tolist(), truth.tolist(), name, ax=ax)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def strict_level_args(configs: Path) -> list[str]:
@@ -156,9 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     rep.add_argument("--runs", default="runs/pipeline")
     rep.add_argument("--configs", default="configs/quickstart")
     rep.add_argument("--table", default="builtin")
-    rep.add_argument("--out", default="benchmarks")
+    rep.add_argument("--out", default="chemlit/bench/results")
     thr = sub.add_parser("throughput", help="one PPO iteration: chemlit vs TRL 0.11.4")
-    thr.add_argument("--out", default="benchmarks")
+    thr.add_argument("--out", default="chemlit/bench/results")
     thr.add_argument("--trl-dir", default=".bench-trl", help="where TRL 0.11.4 is installed (--no-deps)")
     thr.add_argument("--iterations", type=int, default=3)
     args = parser.parse_args(argv)

@@ -10,10 +10,13 @@ matplotlib.use("Agg")  # no display: figures go to TensorBoard or files
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def parity_figure(predicted: Sequence[float], measured: Sequence[float], title: str = ""):
-    """A square scatter of predicted vs measured (°C) with the y = x line and the MAE in the title."""
+def parity_figure(predicted: Sequence[float], measured: Sequence[float], title: str = "", ax=None):
+    """A square scatter of predicted vs measured (°C) with the y = x line and the MAE in the title.
+
+    Draws into ``ax`` when given (several panels in one figure), else into a new figure.
+    """
     pairs = [(p, m) for p, m in zip(predicted, measured) if p == p and m == m]  # drop NaN
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100) if ax is None else (ax.figure, ax)
     if pairs:
         p, m = zip(*pairs)
         low, high = min(min(p), min(m)), max(max(p), max(m))
