@@ -97,6 +97,8 @@ def test_toy_task_ppo_raises_the_reward(tiny_table, tmp_path):
     # digits start as a small share of the sampled tokens and become most of them
     assert sum(last) / 5 > sum(first) / 5 + 0.3, module.raw_scores
     assert module.skipped_minibatches == 0
+    assert module.iteration == 25
+    assert module.value_head.summary.weight.abs().sum() > 0  # the critic learned something
 
 
 def test_non_finite_loss_skips_the_minibatch_and_keeps_the_weights(tiny_table, tmp_path):

@@ -75,6 +75,10 @@ class PPOSpec:
     """GAE λ."""
     max_grad_norm: float = 1.0
     """Gradient norm clip per minibatch."""
+    value_head_learning_rate: Optional[float] = 1e-3
+    """Learning rate of the zero-initialised value head (None = the policy's). A head trained at a
+    policy-sized rate (5e-5) stayed at zero for a whole quickstart run (explained variance 0.00):
+    a fresh linear head needs a far larger step than a pretrained network does."""
     ratio_threshold: float = 10.0
     """Skip (and count) a minibatch whose mean policy ratio over its tokens exceeds this: the
     policy has run away from the samples (a single rare token may legitimately move further)."""
@@ -164,6 +168,7 @@ class PPOModule(StageModule):
         self.value_head: Optional[ValueHead] = None
         self.reference = None
         self.skipped_minibatches = 0
+        self.iteration = 0  # PPO iterations done (Lightning's global_step counts optimizer steps)
         self.val_metrics = PredictionMetrics()
         self.test_metrics = PredictionMetrics()
         self._val_generated = 0
@@ -291,6 +296,7 @@ class PPOModule(StageModule):
                 result = self.update(rollout, order[start:start + minibatch])
                 if result is not None:
                     stats.append(result)
+        self.iteration += 1
         self._after_iteration(rollout, scored, rewards, stats, time.perf_counter() - started)
 
     # ------------------------------------------------------------------ bookkeeping
@@ -315,10 +321,10 @@ class PPOModule(StageModule):
         beta = self.kl_ctl.value
         self.kl_ctl.update(float(kl_per_sequence), B * self.trainer.world_size)
         level_before = self.curriculum.level
-        self.curriculum.update(self._gather_successes(scored.successes), self.global_step)
+        self.curriculum.update(self._gather_successes(scored.successes), self.iteration)
         if self.curriculum.level != level_before:
             print(f"chemlit: curriculum level {level_before} -> {self.curriculum.level} "
-                  f"(tolerance {self.curriculum.tolerance_c:g} °C) at iteration {self.global_step}")
+                  f"(tolerance {self.curriculum.tolerance_c:g} °C) at iteration {self.iteration}")
         errors = [e for e in scored.errors if e is not None]
         log = {
             "ppo/score_mean": scored.rewards.mean(), "ppo/score_std": scored.rewards.std(unbiased=False),
@@ -343,7 +349,7 @@ class PPOModule(StageModule):
 
     def _log_samples(self, rollout: Rollout, scored: ScoredAnswers) -> None:
         experiment = getattr(self.logger, "experiment", None)
-        if not hasattr(experiment, "add_text") or self.global_step % max(self.trainer.log_every_n_steps, 1):
+        if not hasattr(experiment, "add_text") or (self.iteration - 1) % max(self.trainer.log_every_n_steps, 1):
             return
         lines = [f"**{s}** (measured {t:g} °C, reward {r:+.2f})\n\n{text}" for s, t, r, text in
                  zip(rollout.smiles, rollout.targets, scored.rewards.tolist(), rollout.texts)][: self.log_examples]
@@ -356,21 +362,25 @@ class PPOModule(StageModule):
 
     # ------------------------------------------------------------------ optimiser, checkpoints
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad] + list(self.value_head.parameters())
-        optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay, eps=1e-5)
+        policy = [p for p in self.model.parameters() if p.requires_grad]
+        value_lr = self.ppo.value_head_learning_rate or self.learning_rate
+        optimizer = torch.optim.AdamW([{"params": policy, "lr": self.learning_rate, "initial_lr": self.learning_rate},
+                                       {"params": list(self.value_head.parameters()), "lr": value_lr,
+                                        "initial_lr": value_lr}],
+                                      weight_decay=self.weight_decay, eps=1e-5)
         return optimizer
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self.warmup_steps:
-            scale = min((self.global_step + 1) / self.warmup_steps, 1.0)
+            scale = min((self.iteration + 1) / self.warmup_steps, 1.0)  # warm-up counted in iterations
             for group in self.optimizers().param_groups:
-                group["lr"] = self.learning_rate * scale
+                group["lr"] = group["initial_lr"] * scale
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["chemlit_ppo"] = {
             "kl_controller": self.kl_ctl.state_dict(), "curriculum": self.curriculum.state_dict(),
-            "skipped_minibatches": self.skipped_minibatches,
+            "skipped_minibatches": self.skipped_minibatches, "iteration": self.iteration,
             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
                     "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
                     "numpy": np.random.get_state()[1].tolist(), "numpy_pos": int(np.random.get_state()[2])},
@@ -384,6 +394,7 @@ class PPOModule(StageModule):
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.curriculum.load_state_dict(state["curriculum"])
         self.skipped_minibatches = int(state["skipped_minibatches"])
+        self.iteration = int(state.get("iteration", 0))
         self._rng_to_restore = state["rng"]
 
     def on_train_start(self) -> None:
