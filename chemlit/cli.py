@@ -32,6 +32,8 @@ def quiet_known_noise() -> None:
     warnings.filterwarnings("ignore", message=".*The dirpath has changed from.*")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in record.getMessage())  # an advertisement, not information
+    # `python -m chemlit pipeline` runs each stage's CLI in-process, with its own argument list.
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     # PPO's frozen reference is in eval mode on purpose (and the policy too: dropout off).
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
     # bitsandbytes' CPU backend announces an optional kernels package on import; nothing to act on.
