@@ -34,6 +34,9 @@ def quiet_known_noise() -> None:
         lambda record: "litlogger" not in record.getMessage())  # an advertisement, not information
     # `python -m chemlit pipeline` runs each stage's CLI in-process, with its own argument list.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    # PPO checkpoints are taken after a whole iteration (update + β + curriculum), never mid-update;
+    # tests/test_ppo_stage.py checks that a resumed run matches an uninterrupted one.
+    warnings.filterwarnings("ignore", message=".*Using ModelCheckpoint with manual optimization and every_n_train_steps.*")
     # PPO's frozen reference is in eval mode on purpose (and the policy too: dropout off).
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
     # bitsandbytes' CPU backend announces an optional kernels package on import; nothing to act on.

@@ -8,7 +8,7 @@ same split and the same test molecules:
   * the rationale ablation: the SFT stage again from the same CPT export with
     ``data.use_rationale=false`` (the number straight after the prompt), same epochs;
   * the curriculum ablation: the PPO stage again from the same SFT export, strict from step one
-    (the last harshness level only), same iterations;
+    (only the strictest tolerance of the curriculum, so it can neither ease nor fall back), same budget;
 then answers the test molecules with every model (greedy) and writes ``report.md`` and
 ``report.csv``: mean predictor, random forest, SFT, PPO and the ablations, MAE with 95% bootstrap
 intervals, RMSE, R², parse rate, and paired-bootstrap differences. ``throughput`` times one PPO
@@ -121,12 +121,13 @@ def _parity_png(path: Path, models: dict, truth) -> None:
 
 
 def strict_level_args(configs: Path) -> list[str]:
-    """start_level = the last level of the PPO config's own curriculum."""
+    """One level only, the strictest of the PPO config's curriculum: no leniency and no falling back."""
     import yaml
 
     config = yaml.safe_load((configs / "ppo.yaml").read_text())
-    levels = config["model"]["init_args"]["curriculum"]["tolerances_c"]
-    return ["--model.init_args.curriculum.start_level", str(len(levels) - 1)]
+    strictest = min(config["model"]["init_args"]["curriculum"]["tolerances_c"])
+    return ["--model.init_args.curriculum.tolerances_c", f"[{strictest}]",
+            "--model.init_args.curriculum.start_level", "0"]
 
 
 def _curriculum_path(export: Path):
