@@ -7,12 +7,13 @@ and the parse rate (torchmetrics), plus a few full generations as TensorBoard te
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 
-from chemlit.data.prompts import parse_prediction
+from chemlit.data.prompts import ANSWER_MARKER, parse_prediction
 from chemlit.data.datamodule import IGNORE_INDEX
 from chemlit.eval.bootstrap import bootstrap_mae
 from chemlit.eval.metrics import PredictionMetrics, write_csv
@@ -20,7 +21,7 @@ from chemlit.eval.plots import parity_figure
 from chemlit.models.factory import CPTLora, ModelSpec, SFTLora
 from chemlit.stages.base import StageModule, next_token_loss
 
-Decoding = Literal["greedy", "sample"]
+Decoding = Literal["greedy", "sample", "median"]
 
 
 class SFTModule(StageModule):
@@ -41,6 +42,7 @@ class SFTModule(StageModule):
         lora: SFTLora = SFTLora(),
         track_forgetting: bool = False,
         answer_loss_weight: float = 1.0,
+        answer_samples: int = 8,
     ):
         """
         Args:
@@ -48,8 +50,13 @@ class SFTModule(StageModule):
             learning_rate: peak AdamW learning rate (linear warm-up, cosine decay to 10%).
             weight_decay: AdamW weight decay on matrices (not on norms and biases).
             warmup_steps: optimizer steps of linear warm-up.
-            decoding: how validation/test/predict generate: greedy, or sample with `temperature`.
-            temperature: sampling temperature when decoding=sample.
+            decoding: how validation/test/predict answer. greedy: most likely token at each step;
+                sample: sample with `temperature`; median: greedy rationale, then `answer_samples`
+                numbers sampled after its "##Prediction:" and their median (greedy digits pick
+                each digit's mode and collapse onto a few round values; the median of samples
+                is the answer that minimises the expected absolute error).
+            temperature: sampling temperature when decoding=sample or median.
+            answer_samples: numbers sampled per molecule when decoding=median.
             max_new_tokens: longest generated rationale + answer.
             val_generate_limit: generate for only the first N validation molecules each epoch
                 (generation is the slow part); None = all. Test always uses all.
@@ -67,6 +74,7 @@ class SFTModule(StageModule):
         self.lora = lora
         self.save_hyperparameters()
         self.decoding = decoding
+        self.answer_samples = answer_samples
         self.temperature = temperature
         self.max_new_tokens = max_new_tokens
         self.val_generate_limit = val_generate_limit
@@ -92,20 +100,62 @@ class SFTModule(StageModule):
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[str]:
-        """Answers for left-padded prompts, decoded after the prompt."""
+    def generate_ids(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """Prompt + answer ids for left-padded prompts (greedy for decoding=greedy|median)."""
         sample = self.decoding == "sample"
-        out = self.model.generate(
+        return self.model.generate(
             input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=self.max_new_tokens,
             do_sample=sample, temperature=self.temperature if sample else None,
             top_k=None, top_p=None,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
         )
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[str]:
+        """Answers for left-padded prompts, decoded after the prompt."""
+        out = self.generate_ids(prompt_ids, prompt_mask)
         return self.tokenizer.batch_decode(out[:, prompt_ids.size(1):], skip_special_tokens=True)
 
+    @torch.no_grad()
+    def median_numbers(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, out: torch.Tensor,
+                       fallback: list[Optional[float]]) -> list[Optional[float]]:
+        """Median of ``answer_samples`` numbers sampled after each answer's own "##Prediction:"."""
+        marker = self.tokenizer.encode(ANSWER_MARKER, add_special_tokens=False)
+        P, K = prompt_ids.size(1), self.answer_samples
+        prefixes, rows = [], []
+        for b in range(out.size(0)):
+            generated = out[b, P:].tolist()
+            ends = [i + len(marker) for i in range(len(generated) - len(marker) + 1)
+                    if generated[i:i + len(marker)] == marker]
+            if ends:  # the rationale the model wrote, up to its last answer marker
+                prefixes.append(prompt_ids[b][prompt_mask[b].bool()].tolist() + generated[:ends[-1]])
+                rows.append(b)
+        values = list(fallback)
+        if not rows:
+            return values
+        width = max(map(len, prefixes))
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prefixes], device=out.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=out.device)
+        sampled = self.model.generate(
+            input_ids=ids.repeat_interleave(K, 0), attention_mask=mask.repeat_interleave(K, 0),
+            max_new_tokens=8, do_sample=True, temperature=self.temperature, top_k=None, top_p=None,
+            pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id,
+        )
+        texts = self.tokenizer.batch_decode(sampled[:, width:], skip_special_tokens=True)
+        for j, b in enumerate(rows):
+            numbers = [parse_prediction(ANSWER_MARKER + t) for t in texts[j * K:(j + 1) * K]]
+            numbers = [n for n in numbers if n is not None]
+            if numbers:
+                values[b] = float(statistics.median(numbers))
+        return values
+
     def predict_batch(self, batch: dict) -> tuple[list[str], torch.Tensor]:
-        texts = self.generate(batch["prompt_ids"], batch["prompt_mask"])
+        out = self.generate_ids(batch["prompt_ids"], batch["prompt_mask"])
+        texts = self.tokenizer.batch_decode(out[:, batch["prompt_ids"].size(1):], skip_special_tokens=True)
         values = [parse_prediction(t) for t in texts]
+        if self.decoding == "median":
+            values = self.median_numbers(batch["prompt_ids"], batch["prompt_mask"], out, values)
         return texts, torch.tensor([math.nan if v is None else v for v in values], device=self.device)
 
     # ------------------------------------------------------------------ validation / test
