@@ -75,6 +75,17 @@ def predict_args(configs: Path, runs: Path, split_file: Path, export: Path, name
             "--trainer.logger.init_args.save_dir", str(runs), "--trainer.logger.init_args.name", f"test-{name}"]
 
 
+def test_predictions(name: str, export: Path, configs: Path, runs: Path, split_file: Path, table: str,
+                     extra: list[str]) -> tuple[Path, bool]:
+    """runs/test-<name>/version_N/predictions.csv for ``export``, made unless one newer than the export
+    exists. Returns the file and whether it was made now."""
+    out = newest(runs / f"test-{name}", "version_*/predictions.csv")
+    if out is not None and out.stat().st_mtime >= export.stat().st_mtime:
+        return out, False
+    cli_main(predict_args(configs, runs, split_file, export, name, table) + extra)
+    return newest(runs / f"test-{name}", "version_*/predictions.csv"), True
+
+
 def run_pipeline(configs: Path, runs: Path, table: str = "builtin", fresh: bool = False,
                  stages: list[str] | None = None, extra: dict[str, list[str]] | None = None) -> dict:
     """Run the stages in order; returns where everything is and the report's text."""
@@ -114,12 +125,10 @@ def run_pipeline(configs: Path, runs: Path, table: str = "builtin", fresh: bool 
         export = runs / name / "export"
         if not export.is_dir():
             continue
-        out = newest(runs / f"test-{name}", "version_*/predictions.csv")
-        if out is None or out.stat().st_mtime < export.stat().st_mtime:  # none yet, or for an older export
-            started = time.perf_counter()
-            cli_main(predict_args(configs, runs, split_file, export, name, table) + extra.get("test", []))
+        started = time.perf_counter()
+        out, made = test_predictions(name, export, configs, runs, split_file, table, extra.get("test", []))
+        if made:
             timings[f"test-{name}"] = time.perf_counter() - started
-            out = newest(runs / f"test-{name}", "version_*/predictions.csv")
         predictions[f"{name.upper()} model (greedy)"] = read_predictions(out)
     report = build_report(predictions, str(split_file), table) if predictions else ""
     if report:

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from chemlit.cli import main as cli_main
-from chemlit.pipeline import STAGES, newest, predict_args, stage_args
+from chemlit.pipeline import STAGES, stage_args, test_predictions
 
 SFT, PPO = "SFT (rationale, greedy)", "PPO (curriculum, greedy)"
 SFT_NO_RATIONALE, PPO_STRICT = "SFT without rationale (greedy)", "PPO strict from step one (greedy)"
@@ -52,15 +52,6 @@ def run_ablation(name: str, stage_name: str, configs: Path, runs: Path, table: s
     return export, time.perf_counter() - started
 
 
-def predictions_for(name: str, export: Path, configs: Path, runs: Path, table: str, extra: list[str]) -> Path:
-    out = newest(runs / f"test-{name}", "version_*/predictions.csv")
-    if out is None or out.stat().st_mtime < export.stat().st_mtime:
-        split = runs / "cpt" / "splits.csv"
-        cli_main(predict_args(configs, runs, split, export, name, table) + extra)
-        out = newest(runs / f"test-{name}", "version_*/predictions.csv")
-    return out
-
-
 def report(runs: Path, out: Path, configs: Path, table: str) -> str:
     from chemlit.eval.report import build_report, evaluation_columns, model_metrics, read_predictions
 
@@ -76,7 +67,8 @@ def report(runs: Path, out: Path, configs: Path, table: str) -> str:
     models = {PPO: ("ppo", runs / "ppo" / "export", []), SFT: ("sft", runs / "sft" / "export", []),
               PPO_STRICT: ("ppo-strict", strict, []),
               SFT_NO_RATIONALE: ("sft-no-rationale", no_rationale, ["--data.use_rationale", "false"])}
-    predictions = {label: read_predictions(predictions_for(name, export, configs, runs, table, extra))
+    split_file = runs / "cpt" / "splits.csv"
+    predictions = {label: read_predictions(test_predictions(name, export, configs, runs, split_file, table, extra)[0])
                    for label, (name, export, extra) in models.items()}
     split = str(runs / "cpt" / "splits.csv")
     evaluated = evaluation_columns(predictions, split, table)

@@ -172,7 +172,6 @@ class PPOModule(StageModule):
         self.val_metrics = PredictionMetrics()
         self.test_metrics = PredictionMetrics()
         self._val_generated = 0
-        self._pairs: list[tuple[float, float]] = []
 
     # ------------------------------------------------------------------ model
     def setup(self, stage: str) -> None:
@@ -224,7 +223,10 @@ class PPOModule(StageModule):
         )                                                               # (B, P + T)
         P = prompt_ids.size(1)
         response_mask, finished = response_mask_from_tokens(sequences[:, P:], self.tokenizer.eos_token_id)
-        texts = self.tokenizer.batch_decode(sequences[:, P:] * response_mask, skip_special_tokens=True)
+        # Tokens after the end token are not part of the answer: decode them as padding (not as id 0,
+        # which is a real token in most pretrained vocabularies).
+        answers = sequences[:, P:].masked_fill(response_mask == 0, self.tokenizer.pad_token_id)
+        texts = self.tokenizer.batch_decode(answers, skip_special_tokens=True)
         targets = batch["targets"].repeat_interleave(K).tolist()
         smiles = [s for s in batch["smiles"] for _ in range(K)]
         return Rollout(sequences, torch.cat([prompt_mask, response_mask], dim=1), response_mask, P, texts,
@@ -432,13 +434,9 @@ class PPOModule(StageModule):
             self.log(f"val/{name}", value, prog_bar=name == "mae", sync_dist=True)
         self.val_metrics.reset()
 
-    def on_test_epoch_start(self) -> None:
-        self._pairs = []
-
     def test_step(self, batch: dict, batch_idx: int) -> None:
         _, values = self.greedy_answers(batch)
         self.test_metrics.update(values, batch["targets"])
-        self._pairs.extend(zip(values.tolist(), batch["targets"].tolist()))
 
     def on_test_epoch_end(self) -> None:
         for name, value in self.test_metrics.compute().items():
