@@ -24,19 +24,19 @@ def test_median_of_sampled_numbers_after_the_marker(monkeypatch):
                         prompt + no_marker + [tokenizer.pad_token_id] * (width - len(no_marker))])
     seen = {}
 
-    def fake_generate(input_ids, attention_mask, **kwargs):
-        seen["input_ids"], seen["kwargs"] = input_ids, kwargs
+    def fake_decode(model, prefix_ids, prefix_mask, repeats, max_new_tokens, eos_token_id, pad_token_id,
+                    temperature):
+        seen.update(prefix_ids=prefix_ids, repeats=repeats, temperature=temperature)
         continuations = [" 90", " 300", " 120"]  # median 120 for the one row with a marker
         tails = [tokenizer.encode(c) + [tokenizer.eos_token_id] for c in continuations]
         w = max(map(len, tails))
-        tails = torch.tensor([t + [tokenizer.pad_token_id] * (w - len(t)) for t in tails])
-        return torch.cat([input_ids, tails], dim=1)
+        return torch.tensor([t + [tokenizer.pad_token_id] * (w - len(t)) for t in tails])
 
-    monkeypatch.setattr(module.model, "generate", fake_generate)
+    monkeypatch.setattr("chemlit.stages.sft.decode_after_prefix", fake_decode)
     values = module.median_numbers(prompt_ids, prompt_mask, out, fallback=[100.0, None])
     assert values == [120.0, None]  # the row without a marker keeps its greedy value
-    # the samples continue the model's own rationale, right after its answer marker
-    prefix = tokenizer.decode(seen["input_ids"][0])
+    # the samples continue the model's own rationale, right after its answer marker: one prefix, 3 samples
+    prefix = tokenizer.decode(seen["prefix_ids"][0])
     assert prefix.endswith(ANSWER_MARKER) and "small." in prefix
-    assert seen["input_ids"].size(0) == 3 and seen["kwargs"]["do_sample"] is True
-    assert seen["kwargs"]["top_k"] is None and seen["kwargs"]["top_p"] is None
+    assert seen["prefix_ids"].size(0) == 1 and seen["repeats"] == 3
+    assert seen["temperature"] == module.temperature  # plain sampling at the configured temperature

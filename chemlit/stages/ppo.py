@@ -28,9 +28,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from chemlit.data.prompts import parse_prediction
+from chemlit.data.prompts import ANSWER_MARKER, parse_prediction
 from chemlit.eval.metrics import PredictionMetrics
 from chemlit.models.factory import LoraSpec, ModelSpec
+from chemlit.models.shared_prefix import decode_after_prefix, forward_with_shared_prefix
 from chemlit.models.value_head import ValueHead, disable_dropout
 from chemlit.rl import ppo_math as pm
 from chemlit.rl.curriculum import Curriculum, CurriculumSpec
@@ -53,10 +54,18 @@ class PPOSpec:
 
     samples_per_prompt: int = 8
     """K answers sampled for each molecule (the group a per-prompt baseline compares)."""
+    rationale: str = "sampled"
+    """sampled: each of the K samples writes its own rationale and number; RL trains both.
+    greedy: the molecule's greedy rationale (what greedy evaluation writes) is written once and
+    shared by its K samples, which sample only the answer line after "##Prediction:"; RL trains
+    the number given the model's own reasoning, at a fraction of the cost per iteration."""
     temperature: float = 1.0
     """Sampling temperature; log-probs are scored with logits divided by the same value."""
     max_new_tokens: int = 128
-    """Longest sampled rationale + answer; a longer answer is cut and gets the no-answer penalty."""
+    """Longest rationale + answer (sampled) or greedy rationale (greedy); a sampled answer that is
+    cut gets the no-answer penalty."""
+    answer_max_new_tokens: int = 8
+    """rationale=greedy: longest sampled answer line (" -123.5" and the end token fit in 8)."""
     ppo_epochs: int = 2
     """Passes over each iteration's samples."""
     num_minibatches: int = 4
@@ -86,13 +95,18 @@ class PPOSpec:
 
 @dataclass
 class Rollout:
-    """One iteration's samples as plain (B, ...) tensors. B = prompts × K."""
+    """One iteration's samples as plain tensors: G groups of K samples that share a prefix, B = G × K.
 
-    sequences: torch.Tensor        # (B, P + T) prompt (left-padded) then response (right-padded)
-    attention_mask: torch.Tensor   # (B, P + T)
+    The prefix is the prompt (rationale=sampled) or the prompt plus the greedy rationale and
+    "##Prediction:" (rationale=greedy); the response is what was sampled after it.
+    """
+
+    prefix_ids: torch.Tensor       # (G, P) left-padded; group g's samples are rows g*K .. g*K+K-1
+    prefix_mask: torch.Tensor      # (G, P)
+    responses: torch.Tensor        # (B, T) sampled ids, right-padded
     response_mask: torch.Tensor    # (B, T) 1 on response tokens, up to and including the end token
-    prompt_length: int             # P
-    texts: list[str]               # decoded responses
+    group_size: int                # K
+    texts: list[str]               # decoded answers (rationale and answer line) for scoring and logs
     finished: list[bool]           # did the response end with the end token
     targets: list[float]           # measured value of each sample's molecule
     smiles: list[str]
@@ -103,8 +117,14 @@ class Rollout:
     returns: Optional[torch.Tensor] = None       # (B, T)
 
     @property
-    def responses(self) -> torch.Tensor:
-        return self.sequences[:, self.prompt_length:]
+    def sequences(self) -> torch.Tensor:
+        """(B, P + T) prefix then response, the plain layout (for reading; training never builds it)."""
+        return torch.cat([self.prefix_ids.repeat_interleave(self.group_size, 0), self.responses], dim=1)
+
+    def rows(self, groups: torch.Tensor) -> torch.Tensor:
+        """Row indices of the samples of ``groups`` (minibatches hold whole groups)."""
+        K = self.group_size
+        return (groups[:, None] * K + torch.arange(K, device=groups.device)).reshape(-1)
 
 
 allow_in_checkpoints(PPOLora, PPOSpec, KLSpec, RewardSpec, CurriculumSpec)
@@ -153,6 +173,8 @@ class PPOModule(StageModule):
             export_dir: where the trained policy goes; default <log_dir>/export.
         """
         super().__init__(model, learning_rate, weight_decay, warmup_steps, export_dir)
+        if ppo.rationale not in ("sampled", "greedy"):
+            raise ValueError(f"ppo.rationale must be 'sampled' or 'greedy', got {ppo.rationale!r}")
         self.lora = lora
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -186,51 +208,85 @@ class PPOModule(StageModule):
     def uses_lora(self) -> bool:
         return self.lora is not None and self.lora.enabled
 
-    def forward_policy(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
+    def forward_policy(self, rollout: Rollout, groups: torch.Tensor,
                        with_values: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Response logits (divided by the temperature) and values.  -> (B, T, V), (B, T)."""
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: count real tokens
-        out = self.model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids,
-                         output_hidden_states=with_values)
-        # Position t predicts token t+1: the response's logits start one before the response.
-        logits = out.logits[:, prompt_length - 1:-1] / self.ppo.temperature  # (B, T, V)
-        values = self.value_head(out.hidden_states[-1][:, prompt_length - 1:-1]) if with_values else None
-        return logits, values
+        """Logits (divided by the temperature) and values at the response tokens of ``groups``.
+
+        -> (b, T, V), (b, T) for the b = len(groups) × K rows. Each group's prefix is computed once
+        and shared by its K samples (chemlit.models.shared_prefix): same numbers as a forward pass
+        over the K repeated rows, a fraction of the work.
+        """
+        rows = rollout.rows(groups)
+        logits, hidden = forward_with_shared_prefix(
+            self.model, rollout.prefix_ids[groups], rollout.prefix_mask[groups], rollout.responses[rows],
+            rollout.response_mask[rows], rollout.group_size, with_hidden=with_values)
+        values = self.value_head(hidden) if with_values else None                 # (b, T)
+        return logits / self.ppo.temperature, values
 
     @torch.no_grad()
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
-        position_ids = (rollout.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-        kwargs = dict(input_ids=rollout.sequences, attention_mask=rollout.attention_mask, position_ids=position_ids)
+        """(B, T) log-probs of the sampled responses under the frozen reference."""
+        args = (rollout.prefix_ids, rollout.prefix_mask, rollout.responses, rollout.response_mask, rollout.group_size)
         if self.uses_lora:
             with self.model.disable_adapter():
-                logits = self.model(**kwargs).logits
+                logits, _ = forward_with_shared_prefix(self.model, *args)
         else:
-            logits = self.reference(**kwargs).logits
-        logits = logits[:, rollout.prompt_length - 1:-1] / self.ppo.temperature  # (B, T, V)
-        return pm.logprobs_from_logits(logits, rollout.responses)
+            logits, _ = forward_with_shared_prefix(self.reference, *args)
+        return pm.logprobs_from_logits(logits / self.ppo.temperature, rollout.responses)
 
     # ------------------------------------------------------------------ the story of one iteration
     @torch.no_grad()
     def rollout(self, batch: dict) -> Rollout:
-        """Sample K answers per prompt with temperature, no top-k/top-p; keep the sampled ids."""
-        K = self.ppo.samples_per_prompt
-        prompt_ids = batch["prompt_ids"].repeat_interleave(K, dim=0)    # (B, P)
-        prompt_mask = batch["prompt_mask"].repeat_interleave(K, dim=0)  # (B, P)
-        sequences = self.model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=self.ppo.max_new_tokens,
-            **sampling_kwargs(self.ppo.temperature),
-            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
-        )                                                               # (B, P + T)
-        P = prompt_ids.size(1)
-        response_mask, finished = response_mask_from_tokens(sequences[:, P:], self.tokenizer.eos_token_id)
+        """Sample K answers per prompt with temperature, no top-k/top-p; keep the sampled ids.
+
+        rationale=sampled: the K samples continue the prompt. rationale=greedy: first the greedy
+        rationale up to "##Prediction:" (once per molecule), then K answer lines after it.
+        """
+        K, pad, eos = self.ppo.samples_per_prompt, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        prefix_ids, prefix_mask = batch["prompt_ids"], batch["prompt_mask"]         # (G, P)
+        rationales = [""] * prefix_ids.size(0)
+        if self.ppo.rationale == "greedy":
+            prefix_ids, prefix_mask, rationales = self.greedy_rationales(prefix_ids, prefix_mask)
+            max_new_tokens = self.ppo.answer_max_new_tokens
+        else:
+            max_new_tokens = self.ppo.max_new_tokens
+        responses = decode_after_prefix(self.model, prefix_ids, prefix_mask, K, max_new_tokens, eos, pad,
+                                        temperature=self.ppo.temperature)           # (B, T)
+        response_mask, finished = response_mask_from_tokens(responses, eos)
         # Tokens after the end token are not part of the answer: decode them as padding (not as id 0,
         # which is a real token in most pretrained vocabularies).
-        answers = sequences[:, P:].masked_fill(response_mask == 0, self.tokenizer.pad_token_id)
-        texts = self.tokenizer.batch_decode(answers, skip_special_tokens=True)
+        answers = self.tokenizer.batch_decode(responses.masked_fill(response_mask == 0, pad), skip_special_tokens=True)
+        texts = [rationales[i // K] + answer for i, answer in enumerate(answers)]
         targets = batch["targets"].repeat_interleave(K).tolist()
         smiles = [s for s in batch["smiles"] for _ in range(K)]
-        return Rollout(sequences, torch.cat([prompt_mask, response_mask], dim=1), response_mask, P, texts,
-                       finished.tolist(), targets, smiles)
+        return Rollout(prefix_ids, prefix_mask, responses, response_mask, K, texts, finished.tolist(), targets,
+                       smiles)
+
+    @torch.no_grad()
+    def greedy_rationales(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Prompt + greedy rationale + "##Prediction:" per molecule, left-padded; and the rationale texts.
+
+        The rationale is cut after the first answer marker the model writes; a rationale without
+        one (cut by max_new_tokens, or ended early) gets the marker appended, so every sample answers.
+        """
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        written = decode_after_prefix(self.model, prompt_ids, prompt_mask, 1, self.ppo.max_new_tokens, eos, pad,
+                                      temperature=None)                                # (G, T)
+        marker = self.tokenizer.encode(ANSWER_MARKER, add_special_tokens=False)
+        newline_marker = self.tokenizer.encode("\n" + ANSWER_MARKER, add_special_tokens=False)
+        prefixes, texts = [], []
+        for b in range(written.size(0)):
+            tokens = [t for t in written[b].tolist() if t not in (pad, eos)]
+            end = next((i + len(marker) for i in range(len(tokens) - len(marker) + 1)
+                        if tokens[i:i + len(marker)] == marker), None)
+            tokens = tokens[:end] if end is not None else tokens + newline_marker
+            prefixes.append(prompt_ids[b][prompt_mask[b].bool()].tolist() + tokens)
+            texts.append(self.tokenizer.decode(tokens, skip_special_tokens=True))
+        width = max(map(len, prefixes))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prefixes], device=prompt_ids.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=prompt_ids.device)
+        return ids, mask, texts
 
     def score(self, rollout: Rollout) -> ScoredAnswers:
         """Parse each answer and grade its error at the curriculum's current tolerance."""
@@ -240,7 +296,8 @@ class PPOModule(StageModule):
     @torch.no_grad()
     def evaluate(self, rollout: Rollout) -> None:
         """Log-probs and values of the sampling policy, and the reference's log-probs."""
-        logits, values = self.forward_policy(rollout.sequences, rollout.attention_mask, rollout.prompt_length)
+        every_group = torch.arange(rollout.prefix_ids.size(0), device=self.device)
+        logits, values = self.forward_policy(rollout, every_group)
         rollout.logprobs = pm.logprobs_from_logits(logits, rollout.responses)  # (B, T)
         rollout.values = values                                                # (B, T)
         rollout.ref_logprobs = self.reference_logprobs(rollout)                # (B, T)
@@ -256,11 +313,11 @@ class PPOModule(StageModule):
         rollout.returns = returns
         return rewards
 
-    def update(self, rollout: Rollout, index: torch.Tensor) -> Optional[dict]:
-        """One clipped PPO step on the samples ``index``; None if the minibatch was skipped."""
+    def update(self, rollout: Rollout, groups: torch.Tensor) -> Optional[dict]:
+        """One clipped PPO step on the samples of ``groups``; None if the minibatch was skipped."""
+        index = rollout.rows(groups)                                                # (b,)
         mask = rollout.response_mask[index]                                         # (b, T)
-        logits, values = self.forward_policy(rollout.sequences[index], rollout.attention_mask[index],
-                                             rollout.prompt_length)                 # (b, T, V), (b, T)
+        logits, values = self.forward_policy(rollout, groups)                       # (b, T, V), (b, T)
         logprobs = pm.logprobs_from_logits(logits, rollout.responses[index])        # (b, T)
         pg_loss, pg_clipfrac, approx_kl = pm.policy_loss(logprobs, rollout.logprobs[index],
                                                          rollout.advantages[index], mask, self.ppo.clip_range)
@@ -290,11 +347,11 @@ class PPOModule(StageModule):
         self.evaluate(rollout)
         rewards = self.advantages(rollout, scores)
         stats = []
-        B = rollout.sequences.size(0)
-        minibatch = max(B // self.ppo.num_minibatches, 1)
+        G = rollout.prefix_ids.size(0)
+        minibatch = max(G // self.ppo.num_minibatches, 1)  # groups per minibatch: a group's K samples stay together
         for _ in range(self.ppo.ppo_epochs):
-            order = torch.randperm(B, device=self.device)
-            for start in range(0, B, minibatch):
+            order = torch.randperm(G, device=self.device)
+            for start in range(0, G, minibatch):
                 result = self.update(rollout, order[start:start + minibatch])
                 if result is not None:
                     stats.append(result)

@@ -19,6 +19,7 @@ from chemlit.eval.bootstrap import bootstrap_mae
 from chemlit.eval.metrics import PredictionMetrics, write_csv
 from chemlit.eval.plots import parity_figure
 from chemlit.models.factory import CPTLora, ModelSpec, SFTLora
+from chemlit.models.shared_prefix import decode_after_prefix
 from chemlit.stages.base import StageModule, next_token_loss
 
 Decoding = Literal["greedy", "sample", "median"]
@@ -137,12 +138,10 @@ class SFTModule(StageModule):
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prefixes], device=out.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=out.device)
-        sampled = self.model.generate(
-            input_ids=ids.repeat_interleave(K, 0), attention_mask=mask.repeat_interleave(K, 0),
-            max_new_tokens=8, do_sample=True, temperature=self.temperature, top_k=None, top_p=None,
-            pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id,
-        )
-        texts = self.tokenizer.batch_decode(sampled[:, width:], skip_special_tokens=True)
+        # The K samples of a molecule share its rationale: computed once, its cache repeated K times.
+        sampled = decode_after_prefix(self.model, ids, mask, K, 8, self.tokenizer.eos_token_id, pad,
+                                      temperature=self.temperature)  # (rows * K, <= 8)
+        texts = self.tokenizer.batch_decode(sampled, skip_special_tokens=True)
         for j, b in enumerate(rows):
             numbers = [parse_prediction(ANSWER_MARKER + t) for t in texts[j * K:(j + 1) * K]]
             numbers = [n for n in numbers if n is not None]

@@ -1,0 +1,80 @@
+"""A prefix computed once for K rows gives the same numbers as the K repeated rows, and the cached
+decoding loop writes what ``generate`` writes (greedy) or samples from softmax(logits / T)."""
+
+import torch
+
+from chemlit.models.factory import TinyConfig, build_tiny
+from chemlit.models.shared_prefix import decode_after_prefix, forward_with_shared_prefix, positions
+
+PAD, BOS, EOS = 0, 1, 2
+
+
+def tiny_model(vocab: int = 60, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_tiny(TinyConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, vocab_size=vocab),
+                      vocab, PAD, BOS, EOS).eval()
+
+
+def left_padded_prefixes():
+    ids = torch.randint(3, 60, (3, 6))
+    mask = torch.ones_like(ids)
+    ids[0, :2], mask[0, :2] = PAD, 0  # a shorter prompt, left-padded
+    return ids, mask
+
+
+def test_shared_prefix_forward_equals_the_repeated_rows_in_values_and_gradients():
+    model = tiny_model()
+    K, (prefix, prefix_mask) = 4, left_padded_prefixes()
+    continuation = torch.randint(3, 60, (3 * K, 5))
+    continuation_mask = torch.ones_like(continuation)
+    continuation[1, 3:], continuation_mask[1, 3:] = PAD, 0  # a response that ended early
+    live = continuation_mask.bool()
+
+    logits, hidden = forward_with_shared_prefix(model, prefix, prefix_mask, continuation, continuation_mask, K,
+                                                with_hidden=True)
+    shared_loss = (logits.log_softmax(-1).gather(-1, continuation[..., None]).squeeze(-1) * live).sum() + hidden[live].sum()
+    shared_grads = torch.autograd.grad(shared_loss, list(model.parameters()))
+
+    sequences = torch.cat([prefix.repeat_interleave(K, 0), continuation], 1)
+    mask = torch.cat([prefix_mask.repeat_interleave(K, 0), continuation_mask], 1)
+    out = model(input_ids=sequences, attention_mask=mask, position_ids=positions(mask), output_hidden_states=True)
+    P = prefix.size(1)
+    plain_logits, plain_hidden = out.logits[:, P - 1:-1], out.hidden_states[-1][:, P - 1:-1]
+    plain_loss = (plain_logits.log_softmax(-1).gather(-1, continuation[..., None]).squeeze(-1) * live).sum() \
+        + plain_hidden[live].sum()
+    plain_grads = torch.autograd.grad(plain_loss, list(model.parameters()))
+
+    assert logits.shape == (3 * K, 5, 60) and hidden.shape == (3 * K, 5, 32)
+    torch.testing.assert_close(logits[live], plain_logits[live], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden[live], plain_hidden[live], rtol=1e-5, atol=1e-5)
+    for mine, theirs in zip(shared_grads, plain_grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-3, atol=1e-4)  # float sums in another order
+
+
+def test_greedy_decoding_matches_generate_when_rows_end_at_different_steps():
+    model = tiny_model()
+    prefix, prefix_mask = left_padded_prefixes()
+    kwargs = dict(input_ids=prefix, attention_mask=prefix_mask, max_new_tokens=10, do_sample=False, top_k=None,
+                  top_p=None, temperature=None, pad_token_id=PAD)
+    free = model.generate(**kwargs, eos_token_id=-1)[:, prefix.size(1):]   # (3, 10): no row stops
+    eos = int(free[0, 2])  # call the token row 0 writes third "the end": rows now stop at different steps
+    expected = model.generate(**kwargs, eos_token_id=eos)[:, prefix.size(1):]
+    mine = decode_after_prefix(model, prefix, prefix_mask, 1, 10, eos, PAD, temperature=None)
+    ends = [(row == eos).nonzero()[0].item() if (row == eos).any() else None for row in mine]
+    assert len(set(ends)) > 1  # the test is only worth something if rows really end apart
+    assert torch.equal(mine, expected[:, :mine.size(1)])
+    assert (expected[:, mine.size(1):] == PAD).all()  # generate only padded after the longest row
+
+
+def test_sampling_draws_from_softmax_of_logits_over_temperature_without_truncation():
+    model = tiny_model()
+    model.generation_config.top_k = 5      # a hub model's generation_config must not truncate our sampling
+    model.generation_config.top_p = 0.5
+    prefix = torch.tensor([[BOS, 7, 8, 9]])
+    torch.manual_seed(1)
+    first = decode_after_prefix(model, prefix, torch.ones_like(prefix), 4000, 1, EOS, PAD, temperature=0.7)[:, 0]
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids=prefix).logits[0, -1] / 0.7, dim=-1)
+    frequencies = torch.bincount(first, minlength=probs.numel()).float() / first.numel()
+    assert (frequencies - probs).abs().max() < 0.03
+    assert (frequencies > 0).sum() > 5  # more than top-k=5 distinct tokens were drawn
