@@ -18,7 +18,8 @@ from chemlit.data.tokenizer import train_smiles_tokenizer
 from chemlit.models.factory import ModelSpec, TinyConfig, build_tiny, export_model
 from chemlit.rl.curriculum import CurriculumSpec
 from chemlit.rl.kl import KLSpec
-from chemlit.rl.rewards import ScoredAnswers
+from chemlit.data.prompts import ANSWER_MARKER
+from chemlit.rl.rewards import RewardSpec, ScoredAnswers
 from chemlit.stages.ppo import PPOModule, PPOSpec, response_mask_from_tokens, sampling_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +100,37 @@ def test_toy_task_ppo_raises_the_reward(tiny_table, tmp_path):
     assert module.skipped_minibatches == 0
     assert module.iteration == 25
     assert module.value_head.summary.weight.abs().sum() > 0  # the critic learned something
+
+
+class KeepRollout(PPOModule):
+    def score(self, rollout):
+        self.last_rollout = rollout
+        return super().score(rollout)
+
+
+def test_greedy_rationale_samples_only_the_answer_line_and_learns_against_the_greedy_answer(tiny_table, tmp_path):
+    L.seed_everything(0)
+    module = tiny_ppo(KeepRollout, ppo=dict(rationale="greedy", max_new_tokens=12, answer_max_new_tokens=4),
+                      reward=RewardSpec(normalize="greedy"))
+    before = {}
+
+    class Snapshot(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            before.update({k: v.clone() for k, v in pl_module.model.state_dict().items()})
+
+    trainer(tmp_path, limit_train_batches=2, callbacks=[Snapshot()]).fit(module, tiny_data(tiny_table, tmp_path))
+    rollout = module.last_rollout
+    G, K = rollout.prefix_ids.size(0), rollout.group_size
+    assert rollout.responses.size(0) == G * K and rollout.responses.size(1) <= 4  # only the answer line
+    for g in range(G):  # each prefix is the prompt, the greedy rationale and the answer marker
+        prefix = module.tokenizer.decode(rollout.prefix_ids[g][rollout.prefix_mask[g].bool()], skip_special_tokens=True)
+        assert prefix.startswith("Molecule:") and prefix.endswith(ANSWER_MARKER), prefix
+    assert all(ANSWER_MARKER in text for text in rollout.texts)
+    assert len(rollout.greedy_texts) == G and module.baseline(rollout).shape == (G,)
+    assert module.iteration == 2 and module.skipped_minibatches == 0
+    assert any(not torch.equal(v, before[k]) for k, v in module.model.state_dict().items())  # it trained
+    with pytest.raises(ValueError, match="rationale"):
+        tiny_ppo(ppo=dict(rationale="none"))
 
 
 def test_non_finite_loss_skips_the_minibatch_and_keeps_the_weights(tiny_table, tmp_path):

@@ -28,6 +28,16 @@ def test_score_answers_penalises_no_number_and_unfinished():
     assert scored.mae == pytest.approx(55.0)
 
 
+def test_normalize_scores_against_the_greedy_answer():
+    scores = torch.tensor([1.0, 0.0, 0.5, 0.5])  # two molecules, K = 2
+    baseline = torch.tensor([0.5, 0.75])         # rewards of their greedy answers
+    out = normalize_scores(scores, 2, "greedy", baseline=baseline)
+    d = torch.tensor([0.5, -0.5, -0.25, -0.25])  # sample - its molecule's greedy reward
+    torch.testing.assert_close(out, d / d.pow(2).mean().sqrt())  # scaled, sign kept (not centred)
+    with pytest.raises(ValueError, match="baseline"):
+        normalize_scores(scores, 2, "greedy")
+
+
 def test_normalize_scores_group_and_batch():
     scores = torch.tensor([1.0, 0.0, 5.0, 5.0])  # two prompts, K = 2
     group = normalize_scores(scores, 2, "group")

@@ -21,7 +21,7 @@ import torch
 
 from chemlit.data.prompts import parse_prediction
 
-Normalization = Literal["none", "batch", "group"]
+Normalization = Literal["none", "batch", "group", "greedy"]
 
 
 @dataclass
@@ -36,7 +36,9 @@ class RewardSpec:
     normalize: Normalization = "group"
     """Score normalisation before PPO: none; batch = whiten over all samples; group = subtract the
     mean of the samples of the same molecule, then scale the deviations to unit std (a per-prompt baseline:
-    'which of my K answers was better', the signal single-sample whitening threw away)."""
+    'which of my K answers was better', the signal single-sample whitening threw away); greedy =
+    subtract the reward of the molecule's greedy answer (self-critical training: a sample is good
+    when it beats what greedy decoding would answer, so the update moves the greedy answer)."""
 
 
 def graded_reward(error_c: float, tolerance_c: float) -> float:
@@ -81,15 +83,23 @@ def score_answers(texts: Sequence[str], finished: Sequence[bool], targets: Seque
     return ScoredAnswers(torch.tensor(rewards, dtype=torch.float32), predictions, errors, successes)
 
 
-def normalize_scores(scores: torch.Tensor, group_size: int, how: Normalization) -> torch.Tensor:
+def normalize_scores(scores: torch.Tensor, group_size: int, how: Normalization,
+                     baseline: Optional[torch.Tensor] = None) -> torch.Tensor:
     """scores (B,) with consecutive groups of ``group_size`` samples of one prompt -> (B,).
 
     none: unchanged. batch: (s - mean) / std over the batch. group: d = s - mean of its group, then
     d / std(d) over the batch (one scale for all groups, so a group whose K answers all scored the
-    same gives 0 -- nothing to learn there -- and never NaN).
+    same gives 0 -- nothing to learn there -- and never NaN). greedy: d = s - baseline of its group
+    (``baseline``: (prompts,), the reward of each prompt's greedy answer), then d / rms(d) over the
+    batch -- scaled but not centred, so 'better than greedy' stays positive.
     """
     if how == "none":
         return scores
+    if how == "greedy":
+        if baseline is None or baseline.numel() * group_size != scores.numel():
+            raise ValueError(f"greedy normalisation needs one baseline reward per group of {group_size} samples")
+        centred = scores - baseline.to(scores).repeat_interleave(group_size)   # (B,)
+        return centred / centred.pow(2).mean().sqrt().clamp(min=1e-6)
     std = scores.std(unbiased=False).clamp(min=1e-6)
     if how == "batch":
         return (scores - scores.mean()) / std

@@ -9,6 +9,9 @@ One training step is one PPO iteration, and reads as the algorithm does:
     for epoch in ppo_epochs: for minibatch:   self.update(minibatch): clipped policy + value + entropy
 
 Every formula is a pure function in ``chemlit.rl.ppo_math``; this file only puts them in order.
+A molecule's K samples share a prefix (the prompt, or with ``ppo.rationale: greedy`` the prompt and
+the molecule's greedy rationale up to "##Prediction:"): decoding and every forward pass compute it
+once per molecule (``chemlit.models.shared_prefix``), and minibatches hold whole molecules.
 The design avoids each thing that made the original TRL run flat (see ../shared/DESIGN.md): K
 samples per prompt with temperature, sampled ids never re-tokenised, a small KL coefficient with an
 unbiased non-negative estimator, an adaptive controller whose horizon is in samples, per-prompt
@@ -115,6 +118,7 @@ class Rollout:
     values: Optional[torch.Tensor] = None        # (B, T) critic before the update
     advantages: Optional[torch.Tensor] = None    # (B, T)
     returns: Optional[torch.Tensor] = None       # (B, T)
+    greedy_texts: Optional[list[str]] = None     # (G) each molecule's greedy answer (reward.normalize=greedy)
 
     @property
     def sequences(self) -> torch.Tensor:
@@ -244,12 +248,16 @@ class PPOModule(StageModule):
         """
         K, pad, eos = self.ppo.samples_per_prompt, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         prefix_ids, prefix_mask = batch["prompt_ids"], batch["prompt_mask"]         # (G, P)
-        rationales = [""] * prefix_ids.size(0)
+        rationales, greedy_texts = [""] * prefix_ids.size(0), None
         if self.ppo.rationale == "greedy":
-            prefix_ids, prefix_mask, rationales = self.greedy_rationales(prefix_ids, prefix_mask)
+            prefix_ids, prefix_mask, rationales, greedy_texts = self.greedy_rationales(prefix_ids, prefix_mask)
             max_new_tokens = self.ppo.answer_max_new_tokens
         else:
             max_new_tokens = self.ppo.max_new_tokens
+            if self.reward_spec.normalize == "greedy":  # the baseline: what greedy decoding answers
+                greedy = decode_after_prefix(self.model, prefix_ids, prefix_mask, 1, max_new_tokens, eos, pad,
+                                             temperature=None)
+                greedy_texts = self.tokenizer.batch_decode(greedy, skip_special_tokens=True)
         responses = decode_after_prefix(self.model, prefix_ids, prefix_mask, K, max_new_tokens, eos, pad,
                                         temperature=self.ppo.temperature)           # (B, T)
         response_mask, finished = response_mask_from_tokens(responses, eos)
@@ -260,12 +268,13 @@ class PPOModule(StageModule):
         targets = batch["targets"].repeat_interleave(K).tolist()
         smiles = [s for s in batch["smiles"] for _ in range(K)]
         return Rollout(prefix_ids, prefix_mask, responses, response_mask, K, texts, finished.tolist(), targets,
-                       smiles)
+                       smiles, greedy_texts=greedy_texts)
 
     @torch.no_grad()
     def greedy_rationales(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """Prompt + greedy rationale + "##Prediction:" per molecule, left-padded; and the rationale texts.
+                          ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
+        """Prompt + greedy rationale + "##Prediction:" per molecule, left-padded; the rationale texts;
+        and the whole greedy answers (what greedy evaluation would answer).
 
         The rationale is cut after the first answer marker the model writes; a rationale without
         one (cut by max_new_tokens, or ended early) gets the marker appended, so every sample answers.
@@ -276,6 +285,7 @@ class PPOModule(StageModule):
         marker = self.tokenizer.encode(ANSWER_MARKER, add_special_tokens=False)
         newline_marker = self.tokenizer.encode("\n" + ANSWER_MARKER, add_special_tokens=False)
         prefixes, texts = [], []
+        greedy_texts = self.tokenizer.batch_decode(written, skip_special_tokens=True)
         for b in range(written.size(0)):
             tokens = [t for t in written[b].tolist() if t not in (pad, eos)]
             end = next((i + len(marker) for i in range(len(tokens) - len(marker) + 1)
@@ -286,12 +296,21 @@ class PPOModule(StageModule):
         width = max(map(len, prefixes))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prefixes], device=prompt_ids.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=prompt_ids.device)
-        return ids, mask, texts
+        return ids, mask, texts, greedy_texts
 
     def score(self, rollout: Rollout) -> ScoredAnswers:
         """Parse each answer and grade its error at the curriculum's current tolerance."""
         return score_answers(rollout.texts, rollout.finished, rollout.targets, self.curriculum.tolerance_c,
                              self.reward_spec)
+
+    def baseline(self, rollout: Rollout) -> Optional[torch.Tensor]:
+        """(G,) reward of each molecule's greedy answer at the current tolerance (normalize=greedy)."""
+        if rollout.greedy_texts is None:
+            return None
+        K = rollout.group_size
+        greedy = score_answers(rollout.greedy_texts, [True] * len(rollout.greedy_texts), rollout.targets[::K],
+                               self.curriculum.tolerance_c, self.reward_spec)
+        return greedy.rewards
 
     @torch.no_grad()
     def evaluate(self, rollout: Rollout) -> None:
@@ -309,7 +328,10 @@ class PPOModule(StageModule):
         rewards = pm.token_rewards(scores.to(self.device), rollout.logprobs, rollout.ref_logprobs, mask,
                                    self.kl_ctl.value, self.kl_spec.kind)                      # (B, T)
         advantages, returns = pm.gae(rewards, rollout.values, mask, self.ppo.gamma, self.ppo.lam)  # (B, T)
-        rollout.advantages = pm.masked_whiten(advantages, mask) * mask
+        if self.reward_spec.normalize == "greedy":  # scaled, not re-centred: 'better than greedy' stays > 0
+            rollout.advantages = advantages / pm.masked_mean(advantages ** 2, mask).sqrt().clamp(min=1e-6) * mask
+        else:                                      # whitened over the whole batch
+            rollout.advantages = pm.masked_whiten(advantages, mask) * mask
         rollout.returns = returns
         return rewards
 
@@ -343,7 +365,8 @@ class PPOModule(StageModule):
         self.model.eval()  # no dropout and no train-only behaviour, in rollout and update alike
         rollout = self.rollout(batch)
         scored = self.score(rollout)
-        scores = normalize_scores(scored.rewards, self.ppo.samples_per_prompt, self.reward_spec.normalize)
+        scores = normalize_scores(scored.rewards, self.ppo.samples_per_prompt, self.reward_spec.normalize,
+                                  baseline=self.baseline(rollout))
         self.evaluate(rollout)
         rewards = self.advantages(rollout, scores)
         stats = []
@@ -398,6 +421,10 @@ class PPOModule(StageModule):
             "ppo/skipped_minibatches": float(self.skipped_minibatches),
             "ppo/samples_per_second": B / max(seconds, 1e-9),
         }
+        if rollout.greedy_texts is not None:  # what greedy decoding answers for this batch's molecules
+            greedy = [parse_prediction(t) for t in rollout.greedy_texts]
+            greedy_errors = [abs(v - t) for v, t in zip(greedy, rollout.targets[::rollout.group_size]) if v is not None]
+            log["ppo/greedy_mae"] = float(np.mean(greedy_errors)) if greedy_errors else math.nan
         for key in ("policy_loss", "value_loss", "entropy", "clipfrac", "value_clipfrac", "approx_kl"):
             if stats:
                 log[f"ppo/{key}"] = torch.stack([s[key] for s in stats]).mean()
