@@ -78,3 +78,26 @@ def test_sampling_draws_from_softmax_of_logits_over_temperature_without_truncati
     frequencies = torch.bincount(first, minlength=probs.numel()).float() / first.numel()
     assert (frequencies - probs).abs().max() < 0.03
     assert (frequencies > 0).sum() > 5  # more than top-k=5 distinct tokens were drawn
+
+
+def test_decoding_scores_equal_a_forward_pass_over_the_sampled_tokens():
+    """The loop's log-probs and hidden states (PPO's old log-probs and critic input) are those of the
+    policy's forward pass over what it sampled, at every written token."""
+    model = tiny_model()
+    prefix, prefix_mask = left_padded_prefixes()
+    torch.manual_seed(3)
+    tokens, logprobs, hidden = decode_after_prefix(model, prefix, prefix_mask, 3, 6, EOS, PAD, temperature=0.8,
+                                                   with_scores=True)
+    written = torch.ones_like(tokens)
+    for row in range(tokens.size(0)):  # up to and including the end token
+        ends = (tokens[row] == EOS).nonzero()
+        if len(ends):
+            written[row, ends[0].item() + 1:] = 0
+    with torch.no_grad():
+        logits, plain_hidden = forward_with_shared_prefix(model, prefix, prefix_mask, tokens, written, 3,
+                                                          with_hidden=True)
+    plain = torch.log_softmax(logits / 0.8, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+    live = written.bool()
+    torch.testing.assert_close(logprobs[live], plain[live], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(hidden[live], plain_hidden[live], rtol=1e-4, atol=1e-5)
+    assert (logprobs[~live] == 0).all() and (hidden[~live] == 0).all()

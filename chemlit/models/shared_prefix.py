@@ -54,7 +54,7 @@ def forward_with_shared_prefix(model, prefix_ids: torch.Tensor, prefix_mask: tor
 @torch.no_grad()
 def decode_after_prefix(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, repeats: int,
                         max_new_tokens: int, eos_token_id: int, pad_token_id: int,
-                        temperature: Optional[float] = 1.0) -> torch.Tensor:
+                        temperature: Optional[float] = 1.0, with_scores: bool = False):
     """K continuations per prefix from the model's cached decoding loop.  -> (G*K, T) token ids.
 
     ``temperature=None`` (or 0) is greedy; otherwise each token is drawn from
@@ -62,24 +62,37 @@ def decode_after_prefix(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tens
     generation_config says. Rows that have written the end token leave the batch (their cache rows
     are dropped), so a long answer does not make every finished row pay for its extra steps. After the
     end token a row holds ``pad_token_id``; T is the longest continuation written.
+
+    ``with_scores=True`` also returns what the loop computed anyway for each written token: its
+    log-probability under softmax(logits / temperature) (G*K, T) and the last hidden state that
+    predicted it (G*K, T, H) -- PPO's old log-probs and its critic's input, without another forward
+    pass. Both are 0 after a row's end.
     """
     out = model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions(prefix_mask),
-                use_cache=True)
+                use_cache=True, output_hidden_states=with_scores)
     cache = out.past_key_values
     cache.batch_repeat_interleave(repeats)
     logits = out.logits[:, -1].repeat_interleave(repeats, dim=0)              # (A, V), A = rows still writing
+    hidden = out.hidden_states[-1][:, -1].repeat_interleave(repeats, dim=0) if with_scores else None  # (A, H)
     mask = prefix_mask.repeat_interleave(repeats, dim=0).long()               # (A, P + t)
     next_position = mask.sum(dim=1)                                           # (A,)
-    active = torch.arange(logits.size(0), device=logits.device)               # which output row each is
-    tokens = torch.full((logits.size(0), max_new_tokens), pad_token_id, dtype=torch.long, device=logits.device)
+    rows = logits.size(0)
+    active = torch.arange(rows, device=logits.device)                         # which output row each is
+    tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=logits.device)
+    if with_scores:
+        logprobs = torch.zeros(rows, max_new_tokens, device=logits.device)
+        hiddens = torch.zeros(rows, max_new_tokens, hidden.size(-1), dtype=hidden.dtype, device=logits.device)
     length = 0
     for step in range(max_new_tokens):
+        scaled = logits.float() / (temperature or 1.0)
         if temperature:
-            probs = torch.softmax(logits.float() / temperature, dim=-1)
-            token = torch.multinomial(probs, num_samples=1).squeeze(1)       # (A,)
+            token = torch.multinomial(torch.softmax(scaled, dim=-1), num_samples=1).squeeze(1)  # (A,)
         else:
             token = logits.argmax(dim=-1)
         tokens[active, step] = token
+        if with_scores:
+            logprobs[active, step] = torch.log_softmax(scaled, dim=-1).gather(1, token[:, None]).squeeze(1)
+            hiddens[active, step] = hidden
         length = step + 1
         writing = token != eos_token_id
         if step + 1 == max_new_tokens or not writing.any():
@@ -90,7 +103,10 @@ def decode_after_prefix(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tens
             active, token, mask, next_position = active[keep], token[keep], mask[keep], next_position[keep]
         mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position[:, None],
-                    past_key_values=cache, use_cache=True)
+                    past_key_values=cache, use_cache=True, output_hidden_states=with_scores)
         logits = out.logits[:, -1]
+        hidden = out.hidden_states[-1][:, -1] if with_scores else None
         next_position = next_position + 1
+    if with_scores:
+        return tokens[:, :length], logprobs[:, :length], hiddens[:, :length]
     return tokens[:, :length]

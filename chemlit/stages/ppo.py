@@ -258,8 +258,11 @@ class PPOModule(StageModule):
                 greedy = decode_after_prefix(self.model, prefix_ids, prefix_mask, 1, max_new_tokens, eos, pad,
                                              temperature=None)
                 greedy_texts = self.tokenizer.batch_decode(greedy, skip_special_tokens=True)
-        responses = decode_after_prefix(self.model, prefix_ids, prefix_mask, K, max_new_tokens, eos, pad,
-                                        temperature=self.ppo.temperature)           # (B, T)
+        # The loop also returns each sampled token's log-prob and hidden state: the old policy's
+        # log-probs and the critic's input, so `evaluate` needs no second forward pass of the policy.
+        responses, logprobs, hidden = decode_after_prefix(self.model, prefix_ids, prefix_mask, K, max_new_tokens,
+                                                          eos, pad, temperature=self.ppo.temperature,
+                                                          with_scores=True)          # (B, T), (B, T), (B, T, H)
         response_mask, finished = response_mask_from_tokens(responses, eos)
         # Tokens after the end token are not part of the answer: decode them as padding (not as id 0,
         # which is a real token in most pretrained vocabularies).
@@ -268,7 +271,8 @@ class PPOModule(StageModule):
         targets = batch["targets"].repeat_interleave(K).tolist()
         smiles = [s for s in batch["smiles"] for _ in range(K)]
         return Rollout(prefix_ids, prefix_mask, responses, response_mask, K, texts, finished.tolist(), targets,
-                       smiles, greedy_texts=greedy_texts)
+                       smiles, logprobs=logprobs * response_mask, values=self.value_head(hidden) * response_mask,
+                       greedy_texts=greedy_texts)
 
     @torch.no_grad()
     def greedy_rationales(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
@@ -314,12 +318,14 @@ class PPOModule(StageModule):
 
     @torch.no_grad()
     def evaluate(self, rollout: Rollout) -> None:
-        """Log-probs and values of the sampling policy, and the reference's log-probs."""
-        every_group = torch.arange(rollout.prefix_ids.size(0), device=self.device)
-        logits, values = self.forward_policy(rollout, every_group)
-        rollout.logprobs = pm.logprobs_from_logits(logits, rollout.responses)  # (B, T)
-        rollout.values = values                                                # (B, T)
-        rollout.ref_logprobs = self.reference_logprobs(rollout)                # (B, T)
+        """Log-probs and values of the sampling policy (kept from the rollout when it made them, as
+        ``rollout`` does), and the reference's log-probs."""
+        if rollout.logprobs is None or rollout.values is None:
+            every_group = torch.arange(rollout.prefix_ids.size(0), device=self.device)
+            logits, values = self.forward_policy(rollout, every_group)
+            rollout.logprobs = pm.logprobs_from_logits(logits, rollout.responses)  # (B, T)
+            rollout.values = values                                                # (B, T)
+        rollout.ref_logprobs = self.reference_logprobs(rollout)                    # (B, T)
 
     @torch.no_grad()
     def advantages(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
