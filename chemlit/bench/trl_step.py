@@ -40,8 +40,8 @@ def main() -> None:
     prompts = [torch.tensor(p) for p in json.loads(open(args.prompts).read())]
     batch = len(prompts)
     config = PPOConfig(batch_size=batch, mini_batch_size=batch // args.minibatches, ppo_epochs=args.ppo_epochs,
-                       learning_rate=args.learning_rate, init_kl_coef=0.02, adap_kl_ctrl=False, kl_penalty="full"
-                       if False else "kl", seed=args.seed, log_with=None)
+                       learning_rate=args.learning_rate, init_kl_coef=0.02, adap_kl_ctrl=False, kl_penalty="kl",
+                       seed=args.seed, log_with=None)
     trainer = PPOTrainer(config, model, reference, tokenizer)
     gen_kwargs = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0, "min_length": -1,
                   "max_new_tokens": args.max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
