@@ -126,7 +126,7 @@ def test_greedy_rationale_samples_only_the_answer_line_and_learns_against_the_gr
         prefix = module.tokenizer.decode(rollout.prefix_ids[g][rollout.prefix_mask[g].bool()], skip_special_tokens=True)
         assert prefix.startswith("Molecule:") and prefix.endswith(ANSWER_MARKER), prefix
     assert all(ANSWER_MARKER in text for text in rollout.texts)
-    assert len(rollout.greedy_texts) == G and module.baseline(rollout).shape == (G,)
+    assert len(rollout.greedy_texts) == G and module.score_greedy(rollout).rewards.shape == (G,)
     assert module.iteration == 2 and module.skipped_minibatches == 0
     assert any(not torch.equal(v, before[k]) for k, v in module.model.state_dict().items())  # it trained
     with pytest.raises(ValueError, match="rationale"):

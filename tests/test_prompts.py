@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from chemlit.data.prompts import (ANSWER_MARKER, NO_NUMBER, parse_prediction, render, render_completion,
+from chemlit.data.prompts import (ANSWER_MARKER, NO_NUMBER, marker_ends, parse_prediction, render, render_completion,
                                   render_prompt)
 
 
@@ -50,3 +50,9 @@ def test_completion_without_rationale_or_value():
     assert render_completion(None, 5.4) == f"\n{ANSWER_MARKER} 5"
     assert render_completion("r", None).endswith(ANSWER_MARKER)
     assert not math.isnan(parse_prediction(render_completion(None, 5.4)))
+
+
+def test_marker_ends_finds_every_answer_marker_by_token_ids():
+    assert marker_ends([5, 1, 2, 7, 1, 2], [1, 2]) == [3, 6]  # just after each occurrence
+    assert marker_ends([1, 5, 2], [1, 2]) == []               # the tokens must be adjacent
+    assert marker_ends([1], [1, 2]) == []                     # shorter than the marker

@@ -33,6 +33,13 @@ def render_prompt(smiles: str) -> str:
     return f"Molecule: {smiles}\nQuestion: {QUESTION}\nRationale:"
 
 
+def marker_ends(token_ids: list[int], marker_ids: list[int]) -> list[int]:
+    """Positions just after each occurrence of ``marker_ids`` (the tokenised answer marker) in
+    ``token_ids``: where a model's own answer line starts."""
+    n = len(marker_ids)
+    return [i + n for i in range(len(token_ids) - n + 1) if token_ids[i:i + n] == marker_ids]
+
+
 def format_value(value: float) -> str:
     """Targets are written as whole degrees: the measurement error of melting points is larger."""
     rounded = int(round(value))

@@ -2,9 +2,9 @@
 
 One training step is one PPO iteration, and reads as the algorithm does:
 
-    rollout  = self.rollout(batch)           sample K answers per molecule, keep the token ids
-    scored   = self.score(rollout, batch)     parse, error, reward at the curriculum's harshness
-    self.evaluate(rollout)                    log-probs and values of the policy, reference log-probs
+    rollout  = self.rollout(batch)           sample K answers per molecule: token ids, log-probs, values
+    scored   = self.score(rollout)            parse, error, reward at the curriculum's harshness
+    self.evaluate(rollout)                    reference log-probs
     self.advantages(rollout, scores)          KL-penalised token rewards -> GAE -> whitened advantages
     for epoch in ppo_epochs: for minibatch:   self.update(minibatch): clipped policy + value + entropy
 
@@ -31,7 +31,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from chemlit.data.prompts import ANSWER_MARKER, parse_prediction
+from chemlit.data.datamodule import pad_left
+from chemlit.data.prompts import ANSWER_MARKER, marker_ends, parse_prediction
 from chemlit.eval.metrics import PredictionMetrics
 from chemlit.models.factory import LoraSpec, ModelSpec
 from chemlit.models.shared_prefix import decode_after_prefix, forward_with_shared_prefix
@@ -119,11 +120,6 @@ class Rollout:
     advantages: Optional[torch.Tensor] = None    # (B, T)
     returns: Optional[torch.Tensor] = None       # (B, T)
     greedy_texts: Optional[list[str]] = None     # (G) each molecule's greedy answer (reward.normalize=greedy)
-
-    @property
-    def sequences(self) -> torch.Tensor:
-        """(B, P + T) prefix then response, the plain layout (for reading; training never builds it)."""
-        return torch.cat([self.prefix_ids.repeat_interleave(self.group_size, 0), self.responses], dim=1)
 
     def rows(self, groups: torch.Tensor) -> torch.Tensor:
         """Row indices of the samples of ``groups`` (minibatches hold whole groups)."""
@@ -292,14 +288,12 @@ class PPOModule(StageModule):
         greedy_texts = self.tokenizer.batch_decode(written, skip_special_tokens=True)
         for b in range(written.size(0)):
             tokens = [t for t in written[b].tolist() if t not in (pad, eos)]
-            end = next((i + len(marker) for i in range(len(tokens) - len(marker) + 1)
-                        if tokens[i:i + len(marker)] == marker), None)
-            tokens = tokens[:end] if end is not None else tokens + newline_marker
+            ends = marker_ends(tokens, marker)
+            tokens = tokens[:ends[0]] if ends else tokens + newline_marker
             prefixes.append(prompt_ids[b][prompt_mask[b].bool()].tolist() + tokens)
             texts.append(self.tokenizer.decode(tokens, skip_special_tokens=True))
-        width = max(map(len, prefixes))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prefixes], device=prompt_ids.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=prompt_ids.device)
+        ids = pad_left(prefixes, pad, None).to(prompt_ids.device)
+        mask = pad_left([[1] * len(p) for p in prefixes], 0, None).to(prompt_ids.device)
         return ids, mask, texts, greedy_texts
 
     def score(self, rollout: Rollout) -> ScoredAnswers:
@@ -307,24 +301,18 @@ class PPOModule(StageModule):
         return score_answers(rollout.texts, rollout.finished, rollout.targets, self.curriculum.tolerance_c,
                              self.reward_spec)
 
-    def baseline(self, rollout: Rollout) -> Optional[torch.Tensor]:
-        """(G,) reward of each molecule's greedy answer at the current tolerance (normalize=greedy)."""
+    def score_greedy(self, rollout: Rollout) -> Optional[ScoredAnswers]:
+        """Each molecule's greedy answer graded like the samples (G,): the baseline of
+        normalize=greedy, and ppo/greedy_mae. None when the rollout did not write them."""
         if rollout.greedy_texts is None:
             return None
-        K = rollout.group_size
-        greedy = score_answers(rollout.greedy_texts, [True] * len(rollout.greedy_texts), rollout.targets[::K],
-                               self.curriculum.tolerance_c, self.reward_spec)
-        return greedy.rewards
+        return score_answers(rollout.greedy_texts, [True] * len(rollout.greedy_texts),
+                             rollout.targets[::rollout.group_size], self.curriculum.tolerance_c, self.reward_spec)
 
     @torch.no_grad()
     def evaluate(self, rollout: Rollout) -> None:
-        """Log-probs and values of the sampling policy (kept from the rollout when it made them, as
-        ``rollout`` does), and the reference's log-probs."""
-        if rollout.logprobs is None or rollout.values is None:
-            every_group = torch.arange(rollout.prefix_ids.size(0), device=self.device)
-            logits, values = self.forward_policy(rollout, every_group)
-            rollout.logprobs = pm.logprobs_from_logits(logits, rollout.responses)  # (B, T)
-            rollout.values = values                                                # (B, T)
+        """The reference's log-probs. The sampling policy's log-probs and values are already in the
+        rollout: the decoding loop that sampled the tokens computed them."""
         rollout.ref_logprobs = self.reference_logprobs(rollout)                    # (B, T)
 
     @torch.no_grad()
@@ -371,8 +359,9 @@ class PPOModule(StageModule):
         self.model.eval()  # no dropout and no train-only behaviour, in rollout and update alike
         rollout = self.rollout(batch)
         scored = self.score(rollout)
+        greedy = self.score_greedy(rollout)
         scores = normalize_scores(scored.rewards, self.ppo.samples_per_prompt, self.reward_spec.normalize,
-                                  baseline=self.baseline(rollout))
+                                  baseline=greedy.rewards if greedy is not None else None)
         self.evaluate(rollout)
         rewards = self.advantages(rollout, scores)
         stats = []
@@ -385,7 +374,7 @@ class PPOModule(StageModule):
                 if result is not None:
                     stats.append(result)
         self.iteration += 1
-        self._after_iteration(rollout, scored, rewards, stats, time.perf_counter() - started)
+        self._after_iteration(rollout, scored, greedy, rewards, stats, time.perf_counter() - started)
 
     # ------------------------------------------------------------------ bookkeeping
     def _any_rank(self, flag: torch.Tensor) -> bool:
@@ -399,8 +388,8 @@ class PPOModule(StageModule):
             local = self.all_gather(local).reshape(-1)
         return [bool(s) for s in local.tolist()]
 
-    def _after_iteration(self, rollout: Rollout, scored: ScoredAnswers, rewards: torch.Tensor,
-                         stats: list[dict], seconds: float) -> None:
+    def _after_iteration(self, rollout: Rollout, scored: ScoredAnswers, greedy: Optional[ScoredAnswers],
+                         rewards: torch.Tensor, stats: list[dict], seconds: float) -> None:
         mask = rollout.response_mask.float()
         B = mask.size(0)
         kl_per_sequence = (pm.kl_estimate(rollout.logprobs, rollout.ref_logprobs, self.kl_spec.kind) * mask).sum(1).mean()
@@ -413,10 +402,9 @@ class PPOModule(StageModule):
         if self.curriculum.level != level_before:
             print(f"chemlit: curriculum level {level_before} -> {self.curriculum.level} "
                   f"(tolerance {self.curriculum.tolerance_c:g} °C) at iteration {self.iteration}")
-        errors = [e for e in scored.errors if e is not None]
         log = {
             "ppo/score_mean": scored.rewards.mean(), "ppo/score_std": scored.rewards.std(unbiased=False),
-            "ppo/sample_mae": float(np.mean(errors)) if errors else math.nan,
+            "ppo/sample_mae": scored.mae,
             "ppo/parse_rate": scored.parse_rate, "ppo/success_rate": float(np.mean(scored.successes)),
             "ppo/kl_per_sequence": kl_per_sequence, "ppo/kl_coef": beta,
             "ppo/reward_total": (rewards * mask).sum(1).mean(),
@@ -427,10 +415,8 @@ class PPOModule(StageModule):
             "ppo/skipped_minibatches": float(self.skipped_minibatches),
             "ppo/samples_per_second": B / max(seconds, 1e-9),
         }
-        if rollout.greedy_texts is not None:  # what greedy decoding answers for this batch's molecules
-            greedy = [parse_prediction(t) for t in rollout.greedy_texts]
-            greedy_errors = [abs(v - t) for v, t in zip(greedy, rollout.targets[::rollout.group_size]) if v is not None]
-            log["ppo/greedy_mae"] = float(np.mean(greedy_errors)) if greedy_errors else math.nan
+        if greedy is not None:  # what greedy decoding answers for this batch's molecules
+            log["ppo/greedy_mae"] = greedy.mae
         for key in ("policy_loss", "value_loss", "entropy", "clipfrac", "value_clipfrac", "approx_kl"):
             if stats:
                 log[f"ppo/{key}"] = torch.stack([s[key] for s in stats]).mean()

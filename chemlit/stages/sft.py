@@ -13,8 +13,8 @@ from typing import Literal, Optional
 
 import torch
 
-from chemlit.data.prompts import ANSWER_MARKER, parse_prediction
-from chemlit.data.datamodule import IGNORE_INDEX
+from chemlit.data.prompts import ANSWER_MARKER, marker_ends, parse_prediction
+from chemlit.data.datamodule import IGNORE_INDEX, pad_left
 from chemlit.eval.bootstrap import bootstrap_mae
 from chemlit.eval.metrics import PredictionMetrics, write_csv
 from chemlit.eval.plots import parity_figure
@@ -126,18 +126,16 @@ class SFTModule(StageModule):
         prefixes, rows = [], []
         for b in range(out.size(0)):
             generated = out[b, P:].tolist()
-            ends = [i + len(marker) for i in range(len(generated) - len(marker) + 1)
-                    if generated[i:i + len(marker)] == marker]
+            ends = marker_ends(generated, marker)
             if ends:  # the rationale the model wrote, up to its last answer marker
                 prefixes.append(prompt_ids[b][prompt_mask[b].bool()].tolist() + generated[:ends[-1]])
                 rows.append(b)
         values = list(fallback)
         if not rows:
             return values
-        width = max(map(len, prefixes))
         pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prefixes], device=out.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=out.device)
+        ids = pad_left(prefixes, pad, None).to(out.device)
+        mask = pad_left([[1] * len(p) for p in prefixes], 0, None).to(out.device)
         # The K samples of a molecule share its rationale: computed once, its cache repeated K times.
         sampled = decode_after_prefix(self.model, ids, mask, K, 8, self.tokenizer.eos_token_id, pad,
                                       temperature=self.temperature)  # (rows * K, <= 8)
