@@ -101,3 +101,38 @@ def test_decoding_scores_equal_a_forward_pass_over_the_sampled_tokens():
     torch.testing.assert_close(logprobs[live], plain[live], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(hidden[live], plain_hidden[live], rtol=1e-4, atol=1e-5)
     assert (logprobs[~live] == 0).all() and (hidden[~live] == 0).all()
+
+
+def test_preallocated_cache_layer_holds_what_a_growing_layer_holds_through_repeat_select_and_growth():
+    from transformers.cache_utils import DynamicLayer
+
+    from chemlit.models.shared_prefix import PreallocatedLayer
+
+    torch.manual_seed(0)
+    keys, values = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    plain = DynamicLayer()
+    plain.update(keys, values)
+    room = PreallocatedLayer(keys, values, capacity=6)  # room for 2 more: the 3rd step must grow it
+    for layer in (plain, room):
+        layer.batch_repeat_interleave(3)                # (6, 3, 4, 5)
+    for step in range(4):
+        new_k, new_v = torch.randn(6 if step < 2 else 4, 3, 1, 5), torch.randn(6 if step < 2 else 4, 3, 1, 5)
+        if step == 2:                                   # two rows end
+            for layer in (plain, room):
+                layer.batch_select_indices(torch.tensor([0, 2, 3, 5]))
+        k1, v1 = plain.update(new_k, new_v)
+        k2, v2 = room.update(new_k, new_v)
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+        assert room.get_seq_length() == plain.get_seq_length() == 5 + step
+    assert room._keys.size(-2) >= 8  # it grew past its first capacity
+
+
+def test_inverse_cdf_sampler_never_draws_a_zero_probability_token():
+    from chemlit.models.shared_prefix import sample_from
+
+    torch.manual_seed(0)
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5], [0.0, 0.0, 0.0, 1.0], [0.25, 0.25, 0.25, 0.25]]).repeat(2000, 1)
+    drawn = sample_from(probs).view(2000, 3)
+    assert set(drawn[:, 0].tolist()) == {1, 3} and (drawn[:, 1] == 3).all()
+    counts = torch.bincount(drawn[:, 2], minlength=4).float() / 2000
+    assert (counts - 0.25).abs().max() < 0.04
