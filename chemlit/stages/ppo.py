@@ -208,20 +208,26 @@ class PPOModule(StageModule):
     def uses_lora(self) -> bool:
         return self.lora is not None and self.lora.enabled
 
-    def forward_policy(self, rollout: Rollout, groups: torch.Tensor,
+    def forward_policy(self, rollout: Rollout, groups: torch.Tensor, length: Optional[int] = None,
                        with_values: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Logits (divided by the temperature) and values at the response tokens of ``groups``.
 
-        -> (b, T, V), (b, T) for the b = len(groups) × K rows. Each group's prefix is computed once
-        and shared by its K samples (chemlit.models.shared_prefix): same numbers as a forward pass
-        over the K repeated rows, a fraction of the work.
+        -> (b, T, V), (b, T) for the b = len(groups) × K rows, T = ``length`` (default: the whole
+        response width). Each group's prefix is computed once and shared by its K samples
+        (chemlit.models.shared_prefix): same numbers as a forward pass over the K repeated rows, a
+        fraction of the work.
         """
         rows = rollout.rows(groups)
+        length = length or rollout.responses.size(1)
         logits, hidden = forward_with_shared_prefix(
-            self.model, rollout.prefix_ids[groups], rollout.prefix_mask[groups], rollout.responses[rows],
-            rollout.response_mask[rows], rollout.group_size, with_hidden=with_values)
+            self.model, rollout.prefix_ids[groups], rollout.prefix_mask[groups], rollout.responses[rows, :length],
+            rollout.response_mask[rows, :length], rollout.group_size, with_hidden=with_values)
         values = self.value_head(hidden) if with_values else None                 # (b, T)
-        return logits / self.ppo.temperature, values
+        return self.tempered(logits), values
+
+    def tempered(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits / temperature: the distribution the samples were drawn from (no copy at T = 1)."""
+        return logits if self.ppo.temperature == 1.0 else logits / self.ppo.temperature
 
     @torch.no_grad()
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
@@ -232,7 +238,7 @@ class PPOModule(StageModule):
                 logits, _ = forward_with_shared_prefix(self.model, *args)
         else:
             logits, _ = forward_with_shared_prefix(self.reference, *args)
-        return pm.logprobs_from_logits(logits / self.ppo.temperature, rollout.responses)
+        return pm.logprobs_from_logits(self.tempered(logits), rollout.responses)
 
     # ------------------------------------------------------------------ the story of one iteration
     @torch.no_grad()
@@ -251,9 +257,7 @@ class PPOModule(StageModule):
         else:
             max_new_tokens = self.ppo.max_new_tokens
             if self.reward_spec.normalize == "greedy":  # the baseline: what greedy decoding answers
-                greedy = decode_after_prefix(self.model, prefix_ids, prefix_mask, 1, max_new_tokens, eos, pad,
-                                             temperature=None)
-                greedy_texts = self.tokenizer.batch_decode(greedy, skip_special_tokens=True)
+                _, greedy_texts = self.write_answers(prefix_ids, prefix_mask, max_new_tokens)
         # The loop also returns each sampled token's log-prob and hidden state: the old policy's
         # log-probs and the critic's input, so `evaluate` needs no second forward pass of the policy.
         responses, logprobs, hidden = decode_after_prefix(self.model, prefix_ids, prefix_mask, K, max_new_tokens,
@@ -280,12 +284,10 @@ class PPOModule(StageModule):
         one (cut by max_new_tokens, or ended early) gets the marker appended, so every sample answers.
         """
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        written = decode_after_prefix(self.model, prompt_ids, prompt_mask, 1, self.ppo.max_new_tokens, eos, pad,
-                                      temperature=None)                                # (G, T)
+        written, greedy_texts = self.write_answers(prompt_ids, prompt_mask, self.ppo.max_new_tokens)  # (G, T)
         marker = self.tokenizer.encode(ANSWER_MARKER, add_special_tokens=False)
         newline_marker = self.tokenizer.encode("\n" + ANSWER_MARKER, add_special_tokens=False)
         prefixes, texts = [], []
-        greedy_texts = self.tokenizer.batch_decode(written, skip_special_tokens=True)
         for b in range(written.size(0)):
             tokens = [t for t in written[b].tolist() if t not in (pad, eos)]
             ends = marker_ends(tokens, marker)
@@ -332,16 +334,23 @@ class PPOModule(StageModule):
     def update(self, rollout: Rollout, groups: torch.Tensor) -> Optional[dict]:
         """One clipped PPO step on the samples of ``groups``; None if the minibatch was skipped."""
         index = rollout.rows(groups)                                                # (b,)
-        mask = rollout.response_mask[index]                                         # (b, T)
-        logits, values = self.forward_policy(rollout, groups)                       # (b, T, V), (b, T)
-        logprobs = pm.logprobs_from_logits(logits, rollout.responses[index])        # (b, T)
-        pg_loss, pg_clipfrac, approx_kl = pm.policy_loss(logprobs, rollout.logprobs[index],
-                                                         rollout.advantages[index], mask, self.ppo.clip_range)
-        v_loss, v_clipfrac = pm.value_loss(values, rollout.values[index], rollout.returns[index], mask,
+        T = int(rollout.response_mask[index].sum(1).max())  # this minibatch's longest response: no pure-padding columns
+        mask = rollout.response_mask[index, :T]                                     # (b, T)
+        old_logprobs, old_values = rollout.logprobs[index, :T], rollout.values[index, :T]
+        logits, values = self.forward_policy(rollout, groups, T)                    # (b, T, V), (b, T)
+        logprobs = pm.logprobs_from_logits(logits, rollout.responses[index, :T])    # (b, T)
+        pg_loss, pg_clipfrac, approx_kl = pm.policy_loss(logprobs, old_logprobs, rollout.advantages[index, :T], mask,
+                                                         self.ppo.clip_range)
+        v_loss, v_clipfrac = pm.value_loss(values, old_values, rollout.returns[index, :T], mask,
                                            self.ppo.clip_range_value)
-        entropy = pm.entropy_from_logits(logits, mask)
-        loss = pg_loss + self.ppo.vf_coef * v_loss - self.ppo.ent_coef * entropy
-        mean_ratio = pm.masked_mean(torch.exp(logprobs - rollout.logprobs[index]), mask)
+        if self.ppo.ent_coef:
+            entropy = pm.entropy_from_logits(logits, mask)
+            loss = pg_loss + self.ppo.vf_coef * v_loss - self.ppo.ent_coef * entropy
+        else:  # logged only: no gradient through a softmax over the vocabulary that the loss weighs by 0
+            with torch.no_grad():
+                entropy = pm.entropy_from_logits(logits, mask)
+            loss = pg_loss + self.ppo.vf_coef * v_loss
+        mean_ratio = pm.masked_mean(torch.exp(logprobs - old_logprobs), mask)
         bad = (~torch.isfinite(loss)) | (mean_ratio > self.ppo.ratio_threshold)
         if self._any_rank(bad):  # every rank skips together, or DDP would wait forever
             self.skipped_minibatches += 1
@@ -485,15 +494,11 @@ class PPOModule(StageModule):
 
     # ------------------------------------------------------------------ validation / test: greedy, like SFT
     @torch.no_grad()
-    def greedy_answers(self, batch: dict) -> tuple[list[str], torch.Tensor]:
-        out = self.model.generate(
-            input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"], max_new_tokens=self.val_max_new_tokens,
-            do_sample=False, top_k=None, top_p=None, temperature=None,
-            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
-        )
-        texts = self.tokenizer.batch_decode(out[:, batch["prompt_ids"].size(1):], skip_special_tokens=True)
+    def greedy_numbers(self, batch: dict) -> torch.Tensor:
+        """Greedy answers' numbers (NaN where none parses): what validation and test score."""
+        _, texts = self.write_answers(batch["prompt_ids"], batch["prompt_mask"], self.val_max_new_tokens)
         values = [parse_prediction(t) for t in texts]
-        return texts, torch.tensor([math.nan if v is None else v for v in values], device=self.device)
+        return torch.tensor([math.nan if v is None else v for v in values], device=self.device)
 
     def on_validation_epoch_start(self) -> None:
         self._val_generated = 0
@@ -501,7 +506,7 @@ class PPOModule(StageModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if self.val_generate_limit is not None and self._val_generated >= self.val_generate_limit:
             return
-        _, values = self.greedy_answers(batch)
+        values = self.greedy_numbers(batch)
         self._val_generated += values.numel()
         self.val_metrics.update(values, batch["targets"])
 
@@ -511,7 +516,7 @@ class PPOModule(StageModule):
         self.val_metrics.reset()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        _, values = self.greedy_answers(batch)
+        values = self.greedy_numbers(batch)
         self.test_metrics.update(values, batch["targets"])
 
     def on_test_epoch_end(self) -> None:
