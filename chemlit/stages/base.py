@@ -17,6 +17,7 @@ from chemlit.data.datamodule import IGNORE_INDEX
 from chemlit.data.records import ColumnMap
 from chemlit.data.tokenizer import wrap_tokenizer
 from chemlit.models.factory import CPTLora, LoraSpec, ModelSpec, SFTLora, TinyConfig, export_model, load_model_and_tokenizer
+from chemlit.models.shared_prefix import decode_after_prefix
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,22 @@ class StageModule(L.LightningModule):
             self.tokenizer = wrap_tokenizer(Tokenizer.from_str(checkpoint["chemlit_tokenizer"]))
             if self.trainer is not None and self.trainer.datamodule is not None:
                 self.trainer.datamodule.tokenizer = self.tokenizer
+
+    # ------------------------------------------------------------------ answering
+    @torch.no_grad()
+    def write_answers(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
+                      temperature: Optional[float] = None) -> tuple[torch.Tensor, list[str]]:
+        """What the model writes after left-padded prompts: answer ids (B, T) and their text.
+
+        Greedy when ``temperature`` is None, else plain sampling from softmax(logits / T). The
+        cached decoding loop of chemlit.models.shared_prefix (same tokens as ``generate``; its cache
+        has room for the whole answer and finished rows leave the batch), so validation, test,
+        predict and PPO's greedy rationales all decode the same way.
+        """
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        ids = decode_after_prefix(self.model, prompt_ids, prompt_mask, 1, max_new_tokens, eos, pad,
+                                  temperature=temperature)
+        return ids, self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

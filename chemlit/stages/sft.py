@@ -101,31 +101,22 @@ class SFTModule(StageModule):
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate_ids(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        """Prompt + answer ids for left-padded prompts (greedy for decoding=greedy|median)."""
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+        """Answer ids (B, T) and texts for left-padded prompts (greedy for decoding=greedy|median)."""
         sample = self.decoding == "sample"
-        return self.model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=self.max_new_tokens,
-            do_sample=sample, temperature=self.temperature if sample else None,
-            top_k=None, top_p=None,
-            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
-        )
+        return self.write_answers(prompt_ids, prompt_mask, self.max_new_tokens, self.temperature if sample else None)
 
     @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[str]:
-        """Answers for left-padded prompts, decoded after the prompt."""
-        out = self.generate_ids(prompt_ids, prompt_mask)
-        return self.tokenizer.batch_decode(out[:, prompt_ids.size(1):], skip_special_tokens=True)
-
-    @torch.no_grad()
-    def median_numbers(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, out: torch.Tensor,
+    def median_numbers(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, answers: torch.Tensor,
                        fallback: list[Optional[float]]) -> list[Optional[float]]:
-        """Median of ``answer_samples`` numbers sampled after each answer's own "##Prediction:"."""
+        """Median of ``answer_samples`` numbers sampled after each answer's own "##Prediction:".
+
+        answers: (B, T) the greedy answers' ids."""
         marker = self.tokenizer.encode(ANSWER_MARKER, add_special_tokens=False)
-        P, K = prompt_ids.size(1), self.answer_samples
+        K = self.answer_samples
         prefixes, rows = [], []
-        for b in range(out.size(0)):
-            generated = out[b, P:].tolist()
+        for b in range(answers.size(0)):
+            generated = answers[b].tolist()
             ends = marker_ends(generated, marker)
             if ends:  # the rationale the model wrote, up to its last answer marker
                 prefixes.append(prompt_ids[b][prompt_mask[b].bool()].tolist() + generated[:ends[-1]])
@@ -134,8 +125,8 @@ class SFTModule(StageModule):
         if not rows:
             return values
         pad = self.tokenizer.pad_token_id
-        ids = pad_left(prefixes, pad, None).to(out.device)
-        mask = pad_left([[1] * len(p) for p in prefixes], 0, None).to(out.device)
+        ids = pad_left(prefixes, pad, None).to(answers.device)
+        mask = pad_left([[1] * len(p) for p in prefixes], 0, None).to(answers.device)
         # The K samples of a molecule share its rationale: computed once, its cache repeated K times.
         sampled = decode_after_prefix(self.model, ids, mask, K, 8, self.tokenizer.eos_token_id, pad,
                                       temperature=self.temperature)  # (rows * K, <= 8)
@@ -148,11 +139,10 @@ class SFTModule(StageModule):
         return values
 
     def predict_batch(self, batch: dict) -> tuple[list[str], torch.Tensor]:
-        out = self.generate_ids(batch["prompt_ids"], batch["prompt_mask"])
-        texts = self.tokenizer.batch_decode(out[:, batch["prompt_ids"].size(1):], skip_special_tokens=True)
+        answers, texts = self.generate(batch["prompt_ids"], batch["prompt_mask"])
         values = [parse_prediction(t) for t in texts]
         if self.decoding == "median":
-            values = self.median_numbers(batch["prompt_ids"], batch["prompt_mask"], out, values)
+            values = self.median_numbers(batch["prompt_ids"], batch["prompt_mask"], answers, values)
         return texts, torch.tensor([math.nan if v is None else v for v in values], device=self.device)
 
     # ------------------------------------------------------------------ validation / test
