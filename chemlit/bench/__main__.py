@@ -22,6 +22,7 @@ import csv
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -152,18 +153,21 @@ def throughput_markdown(summary: dict) -> str:
         "## PPO iteration throughput: chemlit vs TRL " + theirs.get("trl_version", "0.11.4"), "",
         f"Same model ({setup['model']}), {setup['samples_per_iteration']} samples per iteration "
         f"({setup['prompts']} prompts x {setup['samples_per_prompt']}), up to {setup['max_new_tokens']} new tokens, "
-        f"{setup['ppo_epochs']} PPO epochs x {setup['minibatches']} minibatches; mean of "
-        f"{setup['timed_iterations']} iterations after one warm-up. "
-        "Made by: `python -m chemlit.bench throughput`.", "",
-        "| implementation | s / iteration | samples / s |", "|---|---|---|",
-        f"| chemlit PPOModule | {sum(ours['seconds_per_iteration']) / len(ours['seconds_per_iteration']):.2f} | "
-        f"{ours['samples_per_second']:.1f} |",
-        f"| TRL {theirs.get('trl_version', '')} PPOTrainer.generate + step | "
-        f"{sum(theirs['seconds_per_iteration']) / len(theirs['seconds_per_iteration']):.2f} | "
-        f"{theirs['samples_per_second']:.1f} |", "",
+        f"{setup['ppo_epochs']} PPO epochs x {setup['minibatches']} minibatches; "
+        f"{setup['timed_iterations']} timed iterations after one warm-up, samples/s from the median. "
+        f"Made by: `python -m chemlit.bench throughput --iterations {setup['timed_iterations']}`.", "",
+        "| implementation | median s / iteration | all timed iterations (s) | samples / s |", "|---|---|---|---|",
+        _throughput_row("chemlit PPOModule", ours),
+        _throughput_row(f"TRL {theirs.get('trl_version', '')} PPOTrainer.generate + step", theirs), "",
         f"Ratio chemlit / TRL: **{summary['ratio_chemlit_over_trl']:.2f}x**. Rollout: chemlit "
         f"{ours['rollout_tokens_per_second']:.0f} tokens/s vs the model's own cached `generate` loop "
         f"{ours['generate_tokens_per_second']:.0f} tokens/s on the same prompts.", ""])
+
+
+def _throughput_row(name: str, result: dict) -> str:
+    seconds = result["seconds_per_iteration"]
+    return (f"| {name} | {statistics.median(seconds):.2f} | {', '.join(f'{x:.1f}' for x in seconds)} | "
+            f"{result['samples_per_second']:.1f} |")
 
 
 def _write(path: Path, text: str) -> None:
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     thr = sub.add_parser("throughput", help="one PPO iteration: chemlit vs TRL 0.11.4")
     thr.add_argument("--out", default="chemlit/bench/results")
     thr.add_argument("--trl-dir", default=".bench-trl", help="where TRL 0.11.4 is installed (--no-deps)")
-    thr.add_argument("--iterations", type=int, default=3)
+    thr.add_argument("--iterations", type=int, default=5, help="timed iterations of each, after one warm-up")
     args = parser.parse_args(argv)
     from chemlit.cli import quiet_known_noise
 
