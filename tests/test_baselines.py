@@ -18,3 +18,11 @@ def test_forest_on_descriptors_beats_the_mean_on_a_tiny_table(tiny_table):
                                     [r.smiles for r in test], n_estimators=50, n_jobs=1)
     mean = mean_baseline([r.target for r in train], len(test))
     assert np.abs(forest - truth).mean() < np.abs(mean - truth).mean()
+
+
+def test_descriptors_split_over_processes_equal_one_process(tiny_table):
+    records, _ = read_table(tiny_table)
+    smiles = [r.smiles for r in records][:110] * 2  # 220 molecules: enough for two workers
+    one = descriptor_matrix(smiles, n_jobs=1)
+    two = descriptor_matrix(smiles, n_jobs=2)
+    assert one.shape == (220, one.shape[1]) and np.array_equal(one, two)

@@ -35,6 +35,7 @@ MEDIAN_SAMPLES = 32
 SFT_MEDIAN, PPO_MEDIAN = f"SFT (rationale, median of {MEDIAN_SAMPLES})", f"PPO (curriculum, median of {MEDIAN_SAMPLES})"
 MEDIAN_ARGS = ["--model.init_args.decoding", "median", "--model.init_args.answer_samples", str(MEDIAN_SAMPLES)]
 PPO_LONG = "PPO, {minutes} min (curriculum, greedy)"
+THROUGHPUT_HEADING = "## PPO iteration throughput: chemlit vs TRL "
 
 
 def machine() -> str:
@@ -150,24 +151,38 @@ def _curriculum_path(export: Path):
 def throughput_markdown(summary: dict) -> str:
     setup, ours, theirs = summary["setup"], summary["chemlit"], summary["trl"]
     return "\n".join([
-        "## PPO iteration throughput: chemlit vs TRL " + theirs.get("trl_version", "0.11.4"), "",
+        THROUGHPUT_HEADING + theirs.get("trl_version", "0.11.4"), "",
         f"Same model ({setup['model']}), {setup['samples_per_iteration']} samples per iteration "
         f"({setup['prompts']} prompts x {setup['samples_per_prompt']}), up to {setup['max_new_tokens']} new tokens, "
         f"{setup['ppo_epochs']} PPO epochs x {setup['minibatches']} minibatches; "
         f"{setup['timed_iterations']} timed iterations after one warm-up, samples/s from the median. "
         f"Made by: `python -m chemlit.bench throughput --iterations {setup['timed_iterations']}`.", "",
-        "| implementation | median s / iteration | all timed iterations (s) | samples / s |", "|---|---|---|---|",
+        "| implementation | median s / iteration | timed iterations (s) | mean response length (tokens) "
+        "| samples / s | response tokens / s |", "|---|---|---|---|---|---|",
         _throughput_row("chemlit PPOModule", ours),
         _throughput_row(f"TRL {theirs.get('trl_version', '')} PPOTrainer.generate + step", theirs), "",
-        f"Ratio chemlit / TRL: **{summary['ratio_chemlit_over_trl']:.2f}x**. Rollout: chemlit "
+        f"Ratio chemlit / TRL: **{summary['ratio_chemlit_over_trl']:.2f}x** in samples/s"
+        + (f", {ours['response_tokens_per_second'] / theirs['response_tokens_per_second']:.2f}x in response tokens/s"
+           if "response_tokens_per_second" in ours else "")
+        + ". Rollout: chemlit "
         f"{ours['rollout_tokens_per_second']:.0f} tokens/s vs the model's own cached `generate` loop "
         f"{ours['generate_tokens_per_second']:.0f} tokens/s on the same prompts.", ""])
 
 
+def replace_throughput_section(path: Path, section: str) -> None:
+    """A report made earlier gets the new throughput section (the rest of it is left as it was)."""
+    if path.exists():
+        text = path.read_text(encoding="utf-8")
+        start = text.find(THROUGHPUT_HEADING)
+        _write(path, (text[:start] if start >= 0 else text.rstrip("\n") + "\n\n") + section)
+
+
 def _throughput_row(name: str, result: dict) -> str:
-    seconds = result["seconds_per_iteration"]
+    seconds, lengths = result["seconds_per_iteration"], result.get("mean_response_length", [])
+    tokens_per_second = result.get("response_tokens_per_second")
     return (f"| {name} | {statistics.median(seconds):.2f} | {', '.join(f'{x:.1f}' for x in seconds)} | "
-            f"{result['samples_per_second']:.1f} |")
+            f"{', '.join(f'{x:.0f}' for x in lengths)} | {result['samples_per_second']:.1f} | "
+            + (f"{tokens_per_second:.0f} |" if tokens_per_second else "– |"))
 
 
 def _write(path: Path, text: str) -> None:
@@ -207,7 +222,9 @@ def main(argv: list[str] | None = None) -> None:
         from chemlit.bench.throughput import run
 
         summary = run(Path(args.out), Path(args.trl_dir), iterations=args.iterations)
-        print(throughput_markdown(summary))
+        section = throughput_markdown(summary)
+        print(section)
+        replace_throughput_section(Path(args.out) / "report.md", section)
     else:
         print(report(Path(args.runs), Path(args.out), Path(args.configs), args.table, args.long_ppo_minutes))
 

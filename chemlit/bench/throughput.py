@@ -56,14 +56,18 @@ def bench_model_and_prompts(directory: Path, prompts: int, samples_per_prompt: i
 
 
 class IterationTimer(L.Callback):
+    """Wall time and mean response length (tokens, end token included) of each PPO iteration."""
+
     def __init__(self):
         self.seconds: list[float] = []
+        self.lengths: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._started = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.seconds.append(time.perf_counter() - self._started)
+        self.lengths.append(float(trainer.callback_metrics["ppo/response_length"]))
 
 
 def chemlit_iterations(data, model_dir: Path, samples_per_prompt: int, max_new_tokens: int, ppo_epochs: int,
@@ -103,7 +107,8 @@ def chemlit_iterations(data, model_dir: Path, samples_per_prompt: int, max_new_t
     generate_seconds = time.perf_counter() - started
     generated = out[:, batch["prompt_ids"].size(1):]
     generate_tokens = int(((generated != module.tokenizer.pad_token_id)).sum())
-    return {"seconds_per_iteration": timer.seconds[1:], "rollout_tokens_per_second": rollout_tokens / rollout_seconds,
+    return {"seconds_per_iteration": timer.seconds[1:], "mean_response_length": timer.lengths[1:],
+            "rollout_tokens_per_second": rollout_tokens / rollout_seconds,
             "generate_tokens_per_second": generate_tokens / generate_seconds}
 
 
@@ -129,6 +134,9 @@ def run(out_dir: Path, trl_dir: Path, prompts: int = 16, samples_per_prompt: int
     # their neighbours (both implementations); the median is what a typical iteration costs.
     ours_sps = samples / statistics.median(ours["seconds_per_iteration"])
     theirs_sps = samples / statistics.median(theirs["seconds_per_iteration"])
+    for result in (ours, theirs):  # responses shrink or grow as each policy drifts: tokens/s shows the work done
+        tokens = samples * sum(result["mean_response_length"])
+        result["response_tokens_per_second"] = tokens / sum(result["seconds_per_iteration"])
     summary = {
         "setup": {"model": "tiny Llama 3.5M, random weights", "prompts": prompts, "samples_per_prompt": samples_per_prompt,
                   "samples_per_iteration": samples, "max_new_tokens": max_new_tokens, "ppo_epochs": ppo_epochs,
