@@ -51,7 +51,10 @@ def main() -> None:
         started = time.perf_counter()
         responses = trainer.generate(prompts, batch_size=batch, return_prompt=False, **gen_kwargs)
         rolled = time.perf_counter()
-        rewards = [torch.tensor(float(len(r) % 3) - 1.0) for r in responses]  # any scalar per sample
+        # What chemlit's grader gives every answer of this random-weight model: the no-answer penalty.
+        # (A length-dependent reward, len % 3 - 1, made TRL's answers shrink from 89 to 68 tokens
+        # within 5 iterations while chemlit's stayed at 92: unequal work per sample.)
+        rewards = [torch.tensor(-1.0) for _ in responses]
         trainer.step(prompts, responses, rewards)
         if iteration:
             times.append(time.perf_counter() - started)
