@@ -3,8 +3,9 @@
 Both get the same tiny model (3.5M-parameter Llama, random weights, saved once and loaded by both),
 the same prompts (16 molecules x 8 samples = 128 per iteration), the same response budget, the
 same PPO epochs and minibatches. An iteration is rollout (sampling) + the whole update; the first
-iteration of each is a warm-up and is not counted; samples/s is from the median timed iteration. Also measured: rollout tokens/s of chemlit's
-rollout against the model's own cached decoding loop (``generate``) on the same prompts.
+iteration of each is a warm-up and is not counted; samples/s is from the median timed iteration.
+Also measured: rollout tokens/s of chemlit's rollout against the model's own cached decoding loop
+(``generate``) on the same prompts.
 
 TRL runs in a subprocess whose path holds TRL 0.11.4 installed with ``--no-deps`` into
 ``--trl-dir`` (done on first use; the last TRL with ``PPOTrainer.step``).
@@ -112,6 +113,20 @@ def chemlit_iterations(data, model_dir: Path, samples_per_prompt: int, max_new_t
             "generate_tokens_per_second": generate_tokens / generate_seconds}
 
 
+def summarize(setup: dict, ours: dict, theirs: dict) -> dict:
+    """Samples/s from each side's median iteration, response tokens/s over all timed iterations, the ratio."""
+    samples = setup["samples_per_iteration"]
+    for result in (ours, theirs):
+        # The median iteration: on a shared 2-core machine single iterations ran up to 2x slower than
+        # their neighbours (both implementations); the median is what a typical iteration costs.
+        result["samples_per_second"] = samples / statistics.median(result["seconds_per_iteration"])
+        # Responses shrink or grow as each policy drifts: tokens/s shows the work done.
+        tokens = samples * sum(result["mean_response_length"])
+        result["response_tokens_per_second"] = tokens / sum(result["seconds_per_iteration"])
+    return {"setup": setup, "chemlit": ours, "trl": theirs,
+            "ratio_chemlit_over_trl": ours["samples_per_second"] / theirs["samples_per_second"]}
+
+
 def run(out_dir: Path, trl_dir: Path, prompts: int = 16, samples_per_prompt: int = 8, max_new_tokens: int = 96,
         ppo_epochs: int = 2, minibatches: int = 4, iterations: int = 5) -> dict:
     ensure_trl(trl_dir)
@@ -129,22 +144,11 @@ def run(out_dir: Path, trl_dir: Path, prompts: int = 16, samples_per_prompt: int
         if result.returncode:
             raise SystemExit(f"chemlit bench: the TRL run failed:\n{result.stderr[-3000:]}")
         theirs = json.loads(result.stdout.strip().splitlines()[-1])
-    samples = prompts * samples_per_prompt
-    # The median iteration: on a shared 2-core machine single iterations ran up to 2x slower than
-    # their neighbours (both implementations); the median is what a typical iteration costs.
-    ours_sps = samples / statistics.median(ours["seconds_per_iteration"])
-    theirs_sps = samples / statistics.median(theirs["seconds_per_iteration"])
-    for result in (ours, theirs):  # responses shrink or grow as each policy drifts: tokens/s shows the work done
-        tokens = samples * sum(result["mean_response_length"])
-        result["response_tokens_per_second"] = tokens / sum(result["seconds_per_iteration"])
-    summary = {
-        "setup": {"model": "tiny Llama 3.5M, random weights", "prompts": prompts, "samples_per_prompt": samples_per_prompt,
-                  "samples_per_iteration": samples, "max_new_tokens": max_new_tokens, "ppo_epochs": ppo_epochs,
-                  "minibatches": minibatches, "timed_iterations": iterations, "torch_threads": torch.get_num_threads()},
-        "chemlit": {**ours, "samples_per_second": ours_sps},
-        "trl": {**theirs, "samples_per_second": theirs_sps},
-        "ratio_chemlit_over_trl": ours_sps / theirs_sps,
-    }
+    setup = {"model": "tiny Llama 3.5M, random weights", "prompts": prompts, "samples_per_prompt": samples_per_prompt,
+             "samples_per_iteration": prompts * samples_per_prompt, "max_new_tokens": max_new_tokens,
+             "ppo_epochs": ppo_epochs, "minibatches": minibatches, "timed_iterations": iterations,
+             "torch_threads": torch.get_num_threads()}
+    summary = summarize(setup, ours, theirs)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp_out = out_dir / f"throughput.json.tmp{os.getpid()}"
     tmp_out.write_text(json.dumps(summary, indent=2) + "\n")

@@ -37,12 +37,16 @@ class PreallocatedLayer(DynamicLayer):
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
         super().__init__()
         self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+        self._hold(keys, values, capacity)
+
+    def _hold(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+        """Copy ``keys``/``values`` into fresh buffers of ``capacity`` positions (at least their length)."""
         self.length = keys.size(-2)
         self._keys = keys.new_empty(*keys.shape[:-2], max(capacity, self.length), keys.size(-1))
         self._values = values.new_empty(*values.shape[:-2], max(capacity, self.length), values.size(-1))
         self._keys[..., :self.length, :] = keys
         self._values[..., :self.length, :] = values
-        self.is_initialized = True
         self._refresh()
 
     def _refresh(self) -> None:
@@ -52,8 +56,7 @@ class PreallocatedLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         end = self.length + key_states.size(-2)
         if end > self._keys.size(-2):  # out of room: grow (twice the need, so growing stays rare)
-            grown = PreallocatedLayer(self.keys, self.values, 2 * end)
-            self._keys, self._values = grown._keys, grown._values
+            self._hold(self.keys, self.values, 2 * end)
         self._keys[..., self.length:end, :] = key_states
         self._values[..., self.length:end, :] = value_states
         self.length = end
@@ -71,10 +74,7 @@ class PreallocatedLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep rows ``indices``; only the filled part is copied (the free room is not)."""
-        capacity = self._keys.size(-2)
-        kept = PreallocatedLayer(self.keys[indices], self.values[indices], capacity)
-        self._keys, self._values = kept._keys, kept._values
-        self._refresh()
+        self._hold(self.keys[indices], self.values[indices], self._keys.size(-2))
 
 
 def with_room(cache, repeats: int, new_tokens: int):
