@@ -1,6 +1,7 @@
 """A prefix computed once for K rows gives the same numbers as the K repeated rows, and the cached
 decoding loop writes what ``generate`` writes (greedy) or samples from softmax(logits / T)."""
 
+import pytest
 import torch
 
 from chemlit.models.factory import TinyConfig, build_tiny
@@ -136,3 +137,61 @@ def test_inverse_cdf_sampler_never_draws_a_zero_probability_token():
     assert set(drawn[:, 0].tolist()) == {1, 3} and (drawn[:, 1] == 3).all()
     counts = torch.bincount(drawn[:, 2], minlength=4).float() / 2000
     assert (counts - 0.25).abs().max() < 0.04
+
+
+def small_model(model_type: str, seed: int = 0, **extra):
+    """A 2-layer model of a given family with grouped-query attention (4 query heads, 2 key heads)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=60, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, **extra)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_shared_prefix_attention_decodes_what_the_repeated_cache_decodes(model_type, monkeypatch):
+    """Sampling with the prefix's cache kept once per group (attend_after_shared_prefix) writes the
+    same tokens, log-probs and hidden states as with the cache repeated K times, while rows of the
+    same group end at different steps and leave the batch."""
+    import chemlit.models.shared_prefix as shared_prefix
+
+    model = small_model(model_type)
+    prefix, prefix_mask = left_padded_prefixes()
+    implementation = model.config._attn_implementation
+    rows_seen = []  # the rows (slots) of every shared-prefix attention call
+    attend = shared_prefix.SharedPrefix.attend
+
+    def spy(self, *args):
+        rows_seen.append(self.slots)
+        return attend(self, *args)
+
+    monkeypatch.setattr(shared_prefix.SharedPrefix, "attend", spy)
+
+    def decode(eos: int, share: bool):
+        monkeypatch.setattr(shared_prefix, "can_share_prefix_attention", lambda m: share)
+        torch.manual_seed(5)
+        return decode_after_prefix(model, prefix, prefix_mask, 4, 12, eos, PAD, temperature=1.5, with_scores=True)
+
+    free = decode(-1, share=False)[0]                    # no row ends: find a token that ends rows apart
+    eos = int(free[0, 2])
+    plain = decode(eos, share=False)
+    assert not rows_seen
+    mine = decode(eos, share=True)
+    ends = [(row == eos).nonzero()[0].item() if (row == eos).any() else None for row in mine[0]]
+    assert len(set(ends)) > 2                            # rows ended apart ...
+    assert rows_seen[0] is None and rows_seen[-1] is not None  # ... and some left the batch mid-decoding
+    assert torch.equal(mine[0], plain[0])
+    torch.testing.assert_close(mine[1], plain[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mine[2], plain[2], rtol=1e-5, atol=1e-5)
+    assert model.config._attn_implementation == implementation  # switched back after the loop
+
+
+def test_shared_prefix_attention_only_stands_in_for_plain_full_attention():
+    from chemlit.models.shared_prefix import can_share_prefix_attention
+
+    assert can_share_prefix_attention(small_model("llama"))
+    assert not can_share_prefix_attention(small_model("qwen2", use_sliding_window=True, sliding_window=4,
+                                                      max_window_layers=0))
+    assert not can_share_prefix_attention(small_model("gemma2"))  # soft-capping, sliding layers
