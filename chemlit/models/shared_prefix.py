@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 from transformers import AttentionInterface
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 
@@ -187,7 +187,9 @@ class SharedPrefix:
 
 def _shared_prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: Optional[float] = None, shared_prefix: Optional[SharedPrefix] = None, **kwargs):
-    """The attention function registered as ``SHARED_PREFIX_ATTENTION`` (transformers' AttentionInterface)."""
+    """The attention function registered as ``SHARED_PREFIX_ATTENTION`` (transformers' AttentionInterface):
+    the decoding loop passes ``shared_prefix`` to the model, which hands it to every attention layer.
+    A call without it (none in chemlit) gets the standard sdpa attention."""
     if shared_prefix is None:
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
                                                scaling=scaling, **kwargs)

@@ -4,6 +4,7 @@ saving the tokenizer in checkpoints, and exporting a Hugging Face directory when
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -105,6 +106,10 @@ class StageModule(L.LightningModule):
         ids = decode_after_prefix(self.model, prompt_ids, prompt_mask, 1, max_new_tokens, eos, pad,
                                   temperature=temperature)
         return ids, self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    def as_tensor(self, numbers: list[Optional[float]]) -> torch.Tensor:
+        """Parsed numbers (None where an answer had none) as a tensor with NaN in their place."""
+        return torch.tensor([math.nan if v is None else v for v in numbers], device=self.device)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

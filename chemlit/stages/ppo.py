@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -497,8 +496,7 @@ class PPOModule(StageModule):
     def greedy_numbers(self, batch: dict) -> torch.Tensor:
         """Greedy answers' numbers (NaN where none parses): what validation and test score."""
         _, texts = self.write_answers(batch["prompt_ids"], batch["prompt_mask"], self.val_max_new_tokens)
-        values = [parse_prediction(t) for t in texts]
-        return torch.tensor([math.nan if v is None else v for v in values], device=self.device)
+        return self.as_tensor([parse_prediction(t) for t in texts])
 
     def on_validation_epoch_start(self) -> None:
         self._val_generated = 0

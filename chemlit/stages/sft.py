@@ -127,7 +127,7 @@ class SFTModule(StageModule):
         pad = self.tokenizer.pad_token_id
         ids = pad_left(prefixes, pad, None).to(answers.device)
         mask = pad_left([[1] * len(p) for p in prefixes], 0, None).to(answers.device)
-        # The K samples of a molecule share its rationale: computed once, its cache repeated K times.
+        # The K samples of a molecule share its rationale: computed once, its keys and values read once.
         sampled = decode_after_prefix(self.model, ids, mask, K, 8, self.tokenizer.eos_token_id, pad,
                                       temperature=self.temperature)  # (rows * K, <= 8)
         texts = self.tokenizer.batch_decode(sampled, skip_special_tokens=True)
@@ -143,7 +143,7 @@ class SFTModule(StageModule):
         values = [parse_prediction(t) for t in texts]
         if self.decoding == "median":
             values = self.median_numbers(batch["prompt_ids"], batch["prompt_mask"], answers, values)
-        return texts, torch.tensor([math.nan if v is None else v for v in values], device=self.device)
+        return texts, self.as_tensor(values)
 
     # ------------------------------------------------------------------ validation / test
     # ------------------------------------------------------------------ forgetting
