@@ -39,6 +39,8 @@ def quiet_known_noise() -> None:
     warnings.filterwarnings("ignore", message=".*Using ModelCheckpoint with manual optimization and every_n_train_steps.*")
     # PPO's frozen reference is in eval mode on purpose (and the policy too: dropout off).
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
+    # torchdata's StatefulDataLoader calls a torch API that torch 2.13 deprecates; nothing for a user to do.
+    warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated.*")
     # bitsandbytes' CPU backend announces an optional kernels package on import; nothing to act on.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     logging.getLogger("chemlit").setLevel(logging.INFO)
@@ -54,12 +56,8 @@ class ChemlitCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
+    """fit / validate / test / predict (``python -m chemlit pipeline`` is chemlit.__main__'s)."""
     quiet_known_noise()
-    argv = sys.argv[1:] if args is None else args
-    if argv[:1] == ["pipeline"]:  # CPT -> SFT -> PPO -> test in one command
-        from chemlit.pipeline import main as pipeline_main
-
-        return pipeline_main(argv[1:])
     try:
         ChemlitCLI(args=args)
     except (DataError, FileNotFoundError) as err:  # bad input or a wrong path: the user's to fix

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from chemlit.data.prompts import (ANSWER_MARKER, NO_NUMBER, marker_ends, parse_prediction, render, render_completion,
+from chemlit.data.prompts import (ANSWER_MARKER, NO_NUMBER, answer_prefix, parse_prediction, render, render_completion,
                                   render_prompt)
 
 
@@ -52,7 +52,8 @@ def test_completion_without_rationale_or_value():
     assert not math.isnan(parse_prediction(render_completion(None, 5.4)))
 
 
-def test_marker_ends_finds_every_answer_marker_by_token_ids():
-    assert marker_ends([5, 1, 2, 7, 1, 2], [1, 2]) == [3, 6]  # just after each occurrence
-    assert marker_ends([1, 5, 2], [1, 2]) == []               # the tokens must be adjacent
-    assert marker_ends([1], [1, 2]) == []                     # shorter than the marker
+def test_answer_prefix_cuts_after_the_last_answer_marker_like_the_parser():
+    assert answer_prefix([5, 1, 2, 7, 1, 2, 9], [1, 2]) == [5, 1, 2, 7, 1, 2]  # the last occurrence
+    assert answer_prefix([5, 1, 2, 9], [1, 2]) == [5, 1, 2]
+    assert answer_prefix([1, 5, 2], [1, 2]) is None               # the tokens must be adjacent
+    assert answer_prefix([1], [1, 2]) is None                     # shorter than the marker

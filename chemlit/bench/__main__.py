@@ -18,7 +18,6 @@ iteration of chemlit against TRL 0.11.4 (see chemlit/bench/throughput.py).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 from chemlit.cli import main as cli_main
+from chemlit.data.files import write_csv
 from chemlit.pipeline import STAGES, stage_args, test_predictions
 
 SFT, PPO = "SFT (rationale, greedy)", "PPO (curriculum, greedy)"
@@ -112,7 +112,7 @@ def report(runs: Path, out: Path, configs: Path, table: str, long_ppo_minutes: i
     tail = ["", throughput_markdown(json.loads(throughput.read_text()))] if throughput.exists() else []
     text = text.replace("\n", "\n" + "\n".join(header) + "\n", 1) + "\n".join(tail)
     _write(out / "report.md", text)
-    _write_csv(out / "report.csv", rows)
+    write_csv(rows, out / "report.csv")
     _parity_png(out / "parity.png", {name: columns[name] for name in (SFT, SFT_MEDIAN, PPO)}, truth)
     return text
 
@@ -188,15 +188,6 @@ def _throughput_row(name: str, result: dict) -> str:
 def _write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     os.replace(tmp, path)
 
 

@@ -7,8 +7,9 @@ iteration of each is a warm-up and is not counted; samples/s is from the median 
 Also measured: rollout tokens/s of chemlit's rollout against the model's own cached decoding loop
 (``generate``) on the same prompts.
 
-TRL runs in a subprocess whose path holds TRL 0.11.4 installed with ``--no-deps`` into
-``--trl-dir`` (done on first use; the last TRL with ``PPOTrainer.step``).
+TRL runs in a subprocess whose path holds TRL 0.11.4 (the last TRL with ``PPOTrainer.step``), installed
+beforehand with ``--no-deps`` into ``--trl-dir`` by the command in ``TRL_INSTALL`` (chemlit installs
+nothing at run time).
 """
 
 from __future__ import annotations
@@ -25,14 +26,13 @@ from pathlib import Path
 import lightning as L
 import torch
 
-TRL_PACKAGES = ["trl==0.11.4", "tyro", "docstring_parser", "shtab", "typeguard"]
+TRL_INSTALL = "pip install --no-deps --target {trl_dir} trl==0.11.4 tyro docstring_parser shtab typeguard"
 
 
 def ensure_trl(trl_dir: Path) -> Path:
     if not (trl_dir / "trl" / "__init__.py").exists():
-        print(f"chemlit bench: installing TRL 0.11.4 (--no-deps) into {trl_dir}", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(trl_dir),
-                        *TRL_PACKAGES], check=True)
+        raise SystemExit(f"chemlit bench: TRL 0.11.4 is not in {trl_dir}; install it there first with\n  "
+                         + TRL_INSTALL.format(trl_dir=trl_dir))
     return trl_dir
 
 

@@ -33,11 +33,15 @@ def render_prompt(smiles: str) -> str:
     return f"Molecule: {smiles}\nQuestion: {QUESTION}\nRationale:"
 
 
-def marker_ends(token_ids: list[int], marker_ids: list[int]) -> list[int]:
-    """Positions just after each occurrence of ``marker_ids`` (the tokenised answer marker) in
-    ``token_ids``: where a model's own answer line starts."""
+def answer_prefix(token_ids: list[int], marker_ids: list[int]) -> Optional[list[int]]:
+    """``token_ids`` up to and including the last occurrence of ``marker_ids`` (the tokenised answer
+    marker): what a model wrote before its answer line, cut where ``parse_prediction`` reads (the
+    last marker). None when the marker is not there."""
     n = len(marker_ids)
-    return [i + n for i in range(len(token_ids) - n + 1) if token_ids[i:i + n] == marker_ids]
+    for start in range(len(token_ids) - n, -1, -1):
+        if token_ids[start:start + n] == marker_ids:
+            return token_ids[:start + n]
+    return None
 
 
 def format_value(value: float) -> str:
@@ -75,7 +79,9 @@ def _to_float(text: str) -> float:
     return float(text.replace("\u2212", "-").replace(" ", ""))
 
 
-def _to_celsius(value: float, unit: Optional[str]) -> float:
+def to_celsius(value: float, unit: Optional[str]) -> float:
+    """``value`` in ``unit`` as °C. The unit as a table states it (C, K, F) or as a model writes it
+    (°C, ºF, K, kelvin, degrees F, ...); none or an unknown one means °C."""
     if not unit:
         return value
     unit = unit.lower().replace(" ", "").replace("º", "°")
@@ -118,6 +124,6 @@ def parse_prediction(text: str) -> Optional[float]:
     except ValueError:
         return NO_NUMBER
     unit = _UNIT.match(tail, end)
-    value = _to_celsius(value, unit["unit"] if unit else None)
+    value = to_celsius(value, unit["unit"] if unit else None)
     low, high = PLAUSIBLE_RANGE_C
     return value if math.isfinite(value) and low <= value <= high else NO_NUMBER

@@ -21,7 +21,7 @@ from typing import Literal, Optional
 
 from rdkit import Chem, RDLogger
 
-from chemlit.data.prompts import ANSWER_MARKER
+from chemlit.data.prompts import ANSWER_MARKER, to_celsius
 
 OnInvalid = Literal["error", "skip"]
 Unit = Literal["C", "K", "F"]
@@ -71,10 +71,6 @@ class ColumnMap:
     """Optional compound name (found as name / compound / molecule)."""
     unit: Unit = "C"
     """Unit of the target column: C, K or F. Everything inside chemlit is °C."""
-
-
-def _to_celsius(value: float, unit: Unit) -> float:
-    return {"C": value, "K": value - 273.15, "F": (value - 32.0) * 5.0 / 9.0}[unit]
 
 
 def _raw_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, dict]]]:
@@ -171,7 +167,7 @@ def parse_target(raw, column: str, unit: Unit) -> float:
         raise ValueError(f"value in column '{column}' is NaN")
     if math.isinf(value):
         raise ValueError(f"value in column '{column}' is infinite")
-    return _to_celsius(value, unit)
+    return to_celsius(value, unit)
 
 
 def canonical_smiles(text: str) -> str:
