@@ -145,8 +145,9 @@ def test_entropy_by_hand():
     uniform = torch.zeros(1, 1, 4)                         # H = log 4
     certain = t([[[100.0, 0.0, 0.0, 0.0]]])                # H ≈ 0
     logits = torch.cat([uniform, certain, uniform * 0 + t([[[1.0, 2.0, 3.0, 4.0]]])], dim=1)  # (1, 3, 4)
-    entropy = pm.entropy_from_logits(logits, t([[1, 1, 0]]))
-    assert entropy.item() == pytest.approx(math.log(4) / 2, abs=1e-6)
+    entropy = pm.token_entropy(logits)                     # (1, 3)
+    torch.testing.assert_close(entropy[0, :2], t([math.log(4), 0.0]), atol=1e-6, rtol=0)
+    assert pm.masked_mean(entropy, t([[1, 1, 0]])).item() == pytest.approx(math.log(4) / 2, abs=1e-6)
 
 
 def test_explained_variance():
@@ -154,3 +155,51 @@ def test_explained_variance():
     mask = torch.ones(1, 4)
     assert pm.explained_variance(target, target, mask).item() == pytest.approx(1.0)
     assert pm.explained_variance(torch.full_like(target, 2.5), target, mask).item() == pytest.approx(0.0)
+
+
+def test_ppo_loss_adds_its_terms_with_their_weights_and_names_them():
+    logprobs, old = t([[-1.0, -2.0]]), t([[-1.1, -2.0]])
+    values, old_values, returns = t([[0.5, 0.2]]), t([[0.4, 0.2]]), t([[1.0, 0.0]])
+    advantages, mask, ref = t([[1.0, -1.0]]), torch.ones(1, 2), t([[-1.5, -2.0]])
+    entropy = t([[2.0, 4.0]])
+    spec = pm.LossSpec(clip_range=0.2, clip_range_value=0.2, vf_coef=0.5, ent_coef=0.1, kl_loss_coef=0.3)
+    loss, stats = pm.ppo_loss(logprobs, values, old, old_values, advantages, returns, mask, spec,
+                              ref_logprobs=ref, entropy=entropy)
+    pg, _, _ = pm.policy_loss(logprobs, old, advantages, mask, 0.2)
+    vf, _ = pm.value_loss(values, old_values, returns, mask, 0.2)
+    k2 = (0.5 * 0.5 ** 2 + 0.0) / 2                       # ½(-1 - -1.5)² on token 0, 0 on token 1
+    assert loss.item() == pytest.approx(pg.item() + 0.5 * vf.item() - 0.1 * 3.0 + 0.3 * k2)
+    assert stats["kl_loss"].item() == pytest.approx(k2) and stats["entropy"].item() == pytest.approx(3.0)
+    assert stats["old_approx_kl"].item() == pytest.approx(-0.05)  # mean of -(log π - log π_old)
+    assert stats["ratio_mean"].item() == pytest.approx((math.exp(0.1) + 1.0) / 2)
+    assert not any(v.requires_grad for v in stats.values())
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        pm.ppo_loss(logprobs, values, old, old_values, advantages, returns, mask, spec, entropy=entropy)
+
+
+def test_whitening_over_shards_equals_whitening_the_whole_batch():
+    """masked_whiten with reduce_sum: two 'ranks' that add up their sums whiten like one batch would."""
+    torch.manual_seed(0)
+    x, mask = torch.randn(6, 5) * 3 + 1, (torch.rand(6, 5) > 0.3).float()
+    shards = [(x[:3], mask[:3]), (x[3:], mask[3:])]
+    whole = pm.masked_whiten(x, mask)
+    calls = []
+
+    def all_reduce(shard_index):   # what an all-reduce returns: the same statistic summed over both shards
+        def reduce_sum(local):
+            calls.append(local)
+            other_x, other_mask = shards[1 - shard_index]
+            n = len(calls) - 1     # masked_whiten asks for the mean's sums first, then the variance's
+            if n % 2 == 0:
+                other = torch.stack([(other_x * other_mask).sum(), other_mask.sum()])
+            else:
+                mean = pm.masked_mean(x, mask)
+                other = torch.stack([((other_x - mean) ** 2 * other_mask).sum(), other_mask.sum()])
+            return local + other
+        return reduce_sum
+
+    for i, (shard_x, shard_mask) in enumerate(shards):
+        calls.clear()
+        mine = pm.masked_whiten(shard_x, shard_mask, reduce_sum=all_reduce(i))
+        torch.testing.assert_close(mine, whole[:3] if i == 0 else whole[3:])
+    assert not torch.allclose(pm.masked_whiten(x[:3], mask[:3]), whole[:3])  # one shard alone whitens differently

@@ -17,6 +17,10 @@ from typing import Literal
 
 from chemlit.rl.ppo_math import KLKind
 
+# (estimator, where) pairs whose gradient is ∇KL(π || π_ref); tests/test_kl_gradient.py checks both
+# against autograd, and shows k3 in the reward failing.
+UNBIASED_PENALTIES = {("k1", "reward"), ("k2", "loss")}
+
 
 @dataclass
 class KLSpec:
@@ -30,8 +34,19 @@ class KLSpec:
     """adaptive: desired KL per sequence (sum over its tokens), in nats."""
     horizon: int = 2000
     """adaptive: samples over which a full correction is applied (counted in samples, not steps)."""
-    kind: KLKind = "k3"
-    """Per-token estimator in the reward: k1 (log-ratio), k2 or k3 (unbiased, never negative)."""
+    kind: KLKind = "k1"
+    """Per-token estimator of the penalty: k1 = log π - log π_ref (with where=reward) or
+    k2 = ½(log π - log π_ref)² (with where=loss). k3 is only logged (ppo/kl_per_sequence)."""
+    where: Literal["reward", "loss"] = "reward"
+    """reward: -β·k1 is added to each token's detached reward (TRL, OpenRLHF, verl).
+    loss: β·mean(k2) is added to the minibatch loss and differentiated."""
+
+    def __post_init__(self) -> None:
+        if (self.kind, self.where) not in UNBIASED_PENALTIES:
+            raise ValueError(
+                f"kl.kind={self.kind} with kl.where={self.where} does not pull the policy towards the reference "
+                "(its gradient is not that of KL(policy || reference)); use kind=k1 where=reward (the default) "
+                "or kind=k2 where=loss. The KL's value is logged with k3 either way.")
 
 
 class KLController:

@@ -6,39 +6,57 @@ Conventions used everywhere in this file:
   positions of its row (right padding), so row b's last response token is ``mask[b].sum() - 1``.
 * Nothing here changes its inputs, draws random numbers or knows about models: the stage
   (``chemlit.stages.ppo``) calls these in order -- token_rewards, gae, masked_whiten, then
-  policy_loss + value_loss + entropy_from_logits for each minibatch.
+  ``ppo_loss`` (policy_loss + value_loss + entropy + KL term) for each minibatch.
+* Statistics over "the batch" take an optional ``reduce_sum``: with several data-parallel
+  processes the stage passes an all-reduce, so a mean or variance is over every process's samples;
+  alone it is the identity.
+
+Where the KL penalty goes (``KLSpec.kind`` / ``KLSpec.where``): k1 in the detached reward, or k2
+differentiated in the loss. Both have exactly the gradient of KL(π || π_ref) (on-policy); k3 in a
+detached reward does not (its score-function gradient Σ π·k3·∇log π points anywhere), so k3 is only
+used to *log* the KL's value. ``tests/test_kl_gradient.py`` checks this against autograd.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
 KLKind = Literal["k1", "k2", "k3"]
+ReduceSum = Callable[[torch.Tensor], torch.Tensor]
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """mean = sum(x * m) / sum(m), over all elements. A mask with no 1s gives 0 (not NaN)."""
+def identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, reduce_sum: ReduceSum = identity) -> torch.Tensor:
+    """mean = sum(x * m) / sum(m), over all elements (of every process, with an all-reduce as
+    ``reduce_sum``). A mask with no 1s gives 0 (not NaN)."""
     mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1e-8)
+    sums = reduce_sum(torch.stack([(x * mask).sum(), mask.sum()]))  # (2,) numerator, denominator
+    return sums[0] / sums[1].clamp(min=1e-8)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_var(x: torch.Tensor, mask: torch.Tensor, reduce_sum: ReduceSum = identity) -> torch.Tensor:
     """Biased variance under the mask: masked_mean((x - masked_mean(x))²)."""
-    mean = masked_mean(x, mask)
-    return masked_mean((x - mean) ** 2, mask)
+    mean = masked_mean(x, mask, reduce_sum)
+    return masked_mean((x - mean) ** 2, mask, reduce_sum)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """whiten(x) = (x - mean) / sqrt(var + 1e-8), mean and (biased) var over the masked elements.
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  reduce_sum: ReduceSum = identity) -> torch.Tensor:
+    """whiten(x) = (x - mean) / sqrt(var + 1e-8), mean and (biased) var over the masked elements
+    (of every process when ``reduce_sum`` is an all-reduce: the whole batch, not one shard of it).
 
     With ``shift_mean=False`` the mean is added back: only the scale changes. The formula is applied
     to every element; positions outside the mask carry values nobody reads (the losses mask them).
     """
-    mean = masked_mean(x, mask)                 # scalar
-    var = masked_var(x, mask)                   # scalar
+    mean = masked_mean(x, mask, reduce_sum)                     # scalar
+    var = masked_mean((x - mean) ** 2, mask, reduce_sum)        # scalar, biased
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)  # (B, T)
     if not shift_mean:
         whitened = whitened + mean
@@ -56,7 +74,10 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: KLKind
 
     k1 = log π - log π_ref                       (unbiased, can be negative)
     k2 = ½ (log π - log π_ref)²                   (biased, >= 0)
-    k3 = (r - 1) - log r,  r = π_ref / π          (unbiased, >= 0, low variance)
+    k3 = (r - 1) - log r,  r = π_ref / π          (unbiased, >= 0, low variance: what chemlit logs)
+
+    As a *penalty*: k1 in the detached reward and k2 differentiated in the loss both give ∇KL;
+    k3 is an estimate of the value only (see the module docstring).
     """
     log_ratio = logprobs - ref_logprobs  # (B, T)
     if kind == "k1":
@@ -79,7 +100,8 @@ def token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: to
     """r_t = -kl_coef · kl_t on every response token, + scores[b] on row b's last response token.
 
     scores (B,), logprobs / ref_logprobs / mask (B, T) -> rewards (B, T), 0 where mask is 0.
-    The task's reward arrives once, at the end; the KL penalty is paid token by token.
+    The task's reward arrives once, at the end; the KL penalty is paid token by token. The stage
+    passes kind k1 (the penalty in the reward), or kl_coef 0 when the penalty is in the loss.
     """
     mask = mask.to(logprobs.dtype)
     rewards = -kl_coef * kl_estimate(logprobs, ref_logprobs, kind) * mask  # (B, T)
@@ -149,17 +171,64 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return loss, clipfrac
 
 
-def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masked mean of the token entropy H_t = logsumexp(z_t) - Σ_v softmax(z_t)_v · z_t,v.
-
-    logits (B, T, V), mask (B, T) -> scalar.
-    """
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """H_t = logsumexp(z_t) - Σ_v softmax(z_t)_v · z_t,v.   logits (B, T, V) -> (B, T)."""
     logits = logits.float()
     probs = F.softmax(logits, dim=-1)                                          # (B, T, V)
-    entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)  # (B, T)
-    return masked_mean(entropy, mask)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)     # (B, T)
 
 
-def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+@dataclass
+class LossSpec:
+    """The weights and clip ranges of one minibatch's PPO loss."""
+
+    clip_range: float = 0.2         # ε of the policy ratio
+    clip_range_value: float = 0.2   # ε of the value update
+    vf_coef: float = 0.1            # weight of the value loss
+    ent_coef: float = 0.0           # weight of the entropy bonus
+    kl_loss_coef: float = 0.0       # β of a k2 KL term in the loss (0 when the penalty is in the reward)
+
+
+def ppo_loss(logprobs: torch.Tensor, values: torch.Tensor, old_logprobs: torch.Tensor, old_values: torch.Tensor,
+             advantages: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, spec: LossSpec,
+             ref_logprobs: Optional[torch.Tensor] = None, entropy: Optional[torch.Tensor] = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The whole PPO loss of one minibatch, and what to log about it (CleanRL's names).
+
+    loss = policy_loss + vf_coef · value_loss - ent_coef · entropy + kl_loss_coef · masked_mean(k2)
+
+    logprobs, values (b, T): the current policy and critic (with gradients); old_logprobs,
+    old_values, advantages, returns, mask (b, T): from the rollout; ref_logprobs (b, T): the frozen
+    reference (needed when kl_loss_coef > 0, where ½(log π - log π_ref)² is differentiated: its
+    gradient is ∇KL(π || π_ref) on-policy); entropy (b, T): token entropies (``token_entropy``),
+    or None when ent_coef is 0 and it is not logged. Returns the scalar loss and detached statistics.
+    """
+    pg_loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs, advantages, mask, spec.clip_range)
+    v_loss, v_clipfrac = value_loss(values, old_values, returns, mask, spec.clip_range_value)
+    loss = pg_loss + spec.vf_coef * v_loss
+    stats = {"policy_loss": pg_loss, "value_loss": v_loss, "clipfrac": clipfrac, "value_clipfrac": v_clipfrac,
+             "approx_kl": approx_kl}
+    if spec.ent_coef and entropy is None:
+        raise ValueError("ppo_loss: ent_coef > 0 needs the token entropies")
+    if entropy is not None:
+        entropy_mean = masked_mean(entropy, mask)
+        loss = loss - spec.ent_coef * entropy_mean
+        stats["entropy"] = entropy_mean
+    if spec.kl_loss_coef:
+        if ref_logprobs is None:
+            raise ValueError("ppo_loss: kl_loss_coef > 0 needs ref_logprobs")
+        kl_loss = masked_mean(kl_estimate(logprobs, ref_logprobs, "k2"), mask)
+        loss = loss + spec.kl_loss_coef * kl_loss
+        stats["kl_loss"] = kl_loss
+    with torch.no_grad():
+        log_ratio = logprobs - old_logprobs
+        stats["old_approx_kl"] = masked_mean(-log_ratio, mask)         # k1 between π_old and π
+        stats["ratio_mean"] = masked_mean(torch.exp(log_ratio), mask)
+    stats["loss"] = loss
+    return loss, {name: value.detach() for name, value in stats.items()}
+
+
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                       reduce_sum: ReduceSum = identity) -> torch.Tensor:
     """1 - Var(target - predicted) / Var(target) under the mask: 1 = perfect values, <= 0 = useless."""
-    return 1.0 - masked_var(target - predicted, mask) / masked_var(target, mask).clamp(min=1e-8)
+    return 1.0 - masked_var(target - predicted, mask, reduce_sum) / masked_var(target, mask, reduce_sum).clamp(min=1e-8)

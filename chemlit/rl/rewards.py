@@ -20,6 +20,7 @@ from typing import Literal, Optional, Sequence
 import torch
 
 from chemlit.data.prompts import parse_prediction
+from chemlit.rl.ppo_math import ReduceSum, identity, masked_mean
 
 Normalization = Literal["none", "batch", "group", "greedy"]
 
@@ -84,29 +85,36 @@ def score_answers(texts: Sequence[str], finished: Sequence[bool], targets: Seque
 
 
 def normalize_scores(scores: torch.Tensor, group_size: int, how: Normalization,
-                     baseline: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     baseline: Optional[torch.Tensor] = None, reduce_sum: ReduceSum = identity) -> torch.Tensor:
     """scores (B,) with consecutive groups of ``group_size`` samples of one prompt -> (B,).
 
     none: unchanged. batch: (s - mean) / std over the batch. group: d = s - mean of its group, then
-    d / std(d) over the batch (one scale for all groups, so a group whose K answers all scored the
+    d / rms(d) over the batch (one scale for all groups, so a group whose K answers all scored the
     same gives 0 -- nothing to learn there -- and never NaN). greedy: d = s - baseline of its group
     (``baseline``: (prompts,), the reward of each prompt's greedy answer), then d / rms(d) over the
-    batch -- scaled but not centred, so 'better than greedy' stays positive.
+    batch -- scaled but not centred, so 'better than greedy' stays positive. "The batch" is every
+    process's samples when ``reduce_sum`` is an all-reduce (``ppo_math.masked_mean``); baselines
+    stay per prompt.
     """
+    everything = torch.ones_like(scores)
+
+    def rms(x: torch.Tensor) -> torch.Tensor:
+        return masked_mean(x ** 2, everything, reduce_sum).sqrt().clamp(min=1e-6)
+
     if how == "none":
         return scores
     if how == "greedy":
         if baseline is None or baseline.numel() * group_size != scores.numel():
             raise ValueError(f"greedy normalisation needs one baseline reward per group of {group_size} samples")
         centred = scores - baseline.to(scores).repeat_interleave(group_size)   # (B,)
-        return centred / centred.pow(2).mean().sqrt().clamp(min=1e-6)
-    std = scores.std(unbiased=False).clamp(min=1e-6)
+        return centred / rms(centred)
     if how == "batch":
-        return (scores - scores.mean()) / std
+        centred = scores - masked_mean(scores, everything, reduce_sum)         # (B,)
+        return centred / rms(centred)
     if how == "group":
         if scores.numel() % group_size:
             raise ValueError(f"{scores.numel()} scores do not split into groups of {group_size}")
         grouped = scores.view(-1, group_size)                       # (prompts, K)
-        centred = grouped - grouped.mean(dim=1, keepdim=True)       # (prompts, K)
-        return (centred / centred.std(unbiased=False).clamp(min=1e-6)).reshape(-1)
-    raise ValueError(f"unknown score normalisation {how!r}; use none, batch or group")
+        centred = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)   # (B,)
+        return centred / rms(centred)
+    raise ValueError(f"unknown score normalisation {how!r}; use none, batch, group or greedy")
