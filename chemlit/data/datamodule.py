@@ -26,14 +26,15 @@ from typing import Literal, Optional
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from chemlit.data.prompts import ANSWER_MARKER, render_completion, render_prompt
 from chemlit.data.rationale import write_rationale
 from chemlit.data.records import ColumnMap, OnInvalid, Record, Skipped, read_table
 from chemlit.data.sources import ensure_melting_points
 from chemlit.data.splits import SplitKind, make_split, read_split, write_split
-from chemlit.eval.metrics import write_csv
+from chemlit.data.files import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -70,43 +71,28 @@ def cpt_text(record: Record, rationale: str) -> str:
     return f"Molecule: {who}\n{rationale}"
 
 
-class ResumableLoader:
-    """Shuffled batches in a seeded order per epoch that can resume mid-epoch.
+class ResumableLoader(StatefulDataLoader):
+    """torchdata's ``StatefulDataLoader`` over a ``DistributedSampler``: each rank its own shard of a
+    seeded shuffle, and Lightning saves the loader's position in checkpoints and restores it on resume.
 
-    A PPO run's checkpoint records the epoch and how many batches were trained (the stage calls
-    ``mark_trained``; counting what was *fetched* would be off by Lightning's prefetched batch).
-    Lightning saves ``state_dict`` in the checkpoint and calls ``load_state_dict`` on resume, so
-    the resumed run sees exactly the prompts an uninterrupted run would.
+    Two things its saved state adds, each found by resuming real runs (tests/test_ddp.py and
+    tests/test_ppo_stage.py): the sampler's epoch (Lightning makes the resumed iterator before it sets
+    the epoch, so a run resumed in its second epoch replayed the first epoch's order), and a position
+    at the very end of an epoch resumes at the start of the next (restored as "all batches yielded",
+    the next epoch came out empty and the run skipped a whole epoch).
     """
 
-    def __init__(self, data: list, batch_size: int, collate_fn, seed: int):
-        self.data, self.batch_size, self.collate_fn, self.seed = data, batch_size, collate_fn, seed
-        self.epoch = 0
-        self.trained = 0  # batches of the current epoch already trained
-        self._iterating = 0
-
-    def __len__(self) -> int:
-        return (len(self.data) + self.batch_size - 1) // self.batch_size
-
-    def mark_trained(self, batches: int) -> None:
-        """``batches`` of the epoch being iterated are trained (the last one closes the epoch)."""
-        if batches >= len(self):
-            self.epoch, self.trained = self._iterating + 1, 0
-        else:
-            self.epoch, self.trained = self._iterating, batches
-
-    def __iter__(self):
-        self._iterating = self.epoch
-        order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        for i in range(self.trained, len(self)):
-            yield self.collate_fn([self.data[j] for j in order[i * self.batch_size:(i + 1) * self.batch_size]])
-        self.epoch, self.trained = self._iterating + 1, 0
-
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "trained": self.trained}
+        return {**super().state_dict(), "sampler_epoch": self.sampler.epoch}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.trained = int(state["epoch"]), int(state["trained"])
+        state = dict(state)
+        epoch = state.pop("sampler_epoch")
+        if state["_num_yielded"] >= len(self):   # the epoch was over: start the next one from its first batch
+            self.sampler.set_epoch(epoch + 1)
+            return
+        self.sampler.set_epoch(epoch)
+        super().load_state_dict(state)
 
 
 class RationaleDataModule(L.LightningDataModule):
@@ -147,7 +133,7 @@ class RationaleDataModule(L.LightningDataModule):
             split_fractions: train, val, test shares.
             split_file: a splits.csv from an earlier run; overrides split/split_fractions/seed so every
                 stage sees the same molecules. Molecules not in the file are left out.
-            seed: seed of the split and of subsampling.
+            seed: seed of the split, of subsampling and of the training order (a shuffle per epoch).
             max_molecules: use a seeded random subset of this many molecules (quick runs, tests).
             use_rationale: False trains the answer straight after the prompt (the rationale ablation).
             cpt_replay_ratio: SFT only: add this many CPT texts per SFT example to the training set
@@ -349,7 +335,11 @@ class RationaleDataModule(L.LightningDataModule):
         chosen = random.Random(self.seed + 1).choices(records, k=n) if n else []
         return [Example(r.smiles, "", cpt_text(r, self.rationale(r)), None, r.name) for r in chosen]
 
-    def _loader(self, split: str, train: bool):
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        """Training: a ``ResumableLoader`` in every stage -- each rank trains on its own shard (a
+        ``DistributedSampler`` of one shuffle seeded with ``seed``), and a run resumed mid-epoch sees
+        exactly the batches an uninterrupted run would. Evaluation: a plain, unshuffled ``DataLoader``
+        (Lightning shards it under DDP)."""
         batch_size = self.batch_size if train else self.eval_batch_size
         if self.stage == "cpt":
             data, collate = list(self.packed_blocks(split)), self.collate_cpt
@@ -358,10 +348,14 @@ class RationaleDataModule(L.LightningDataModule):
             if train and self.stage == "sft" and self.cpt_replay_ratio:
                 data = data + self.replay_examples(split)
             collate = self.collate_sft if self.stage == "sft" else self.collate_rl
-            if train and self.stage == "rl":
-                return ResumableLoader(data, batch_size, collate, self.seed)
-        return DataLoader(data, batch_size=batch_size, shuffle=train, collate_fn=collate,
-                          num_workers=self.num_workers, drop_last=False)
+        if not train:
+            return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate,
+                              num_workers=self.num_workers)
+        trainer = self.trainer
+        sampler = DistributedSampler(data, num_replicas=trainer.world_size if trainer else 1,
+                                     rank=trainer.global_rank if trainer else 0, shuffle=True, seed=self.seed)
+        return ResumableLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                               num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
