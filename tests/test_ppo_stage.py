@@ -1,11 +1,9 @@
 """The PPO stage end to end on tiny models: sampling, a toy task it must learn, robustness, resume,
-DDP on two CPU processes, the CLI config, and the walkthrough notebook."""
+the exact first ratio, plain against fast decoding, the CLI config, and the walkthrough notebook
+(DDP on two CPU processes: tests/test_ddp.py)."""
 
 import json
 import math
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import lightning as L
@@ -20,7 +18,7 @@ from chemlit.rl.curriculum import CurriculumSpec
 from chemlit.rl.kl import KLSpec
 from chemlit.data.prompts import ANSWER_MARKER
 from chemlit.rl.rewards import RewardSpec, ScoredAnswers
-from chemlit.stages.ppo import PPOModule, PPOSpec, response_mask_from_tokens, sampling_kwargs
+from chemlit.stages.ppo import PPOModule, PPOSpec, response_mask_from_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vocab_size=300)
@@ -32,22 +30,6 @@ def test_response_mask_stops_after_the_first_end_token():
     mask, finished = response_mask_from_tokens(responses, eos)
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
     assert finished.tolist() == [True, True, False]
-
-
-def test_sampling_is_not_truncated_by_a_models_generation_config():
-    tokenizer = train_smiles_tokenizer(["CCO c1ccccc1 melting point 123"] * 5, vocab_size=300)
-    model = build_tiny(TINY, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
-                       tokenizer.eos_token_id).eval()
-    model.generation_config.top_k = 5     # what a hub model's generation_config may carry
-    model.generation_config.top_p = 0.5
-    ids = torch.tensor([[tokenizer.bos_token_id, 5, 6]])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2,
-                         output_scores=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
-                         **sampling_kwargs(0.7))
-    scores = out.scores[0]  # what the sampler draws from: softmax(logits / 0.7), nothing masked
-    assert torch.isfinite(scores).all()
-    logits = model(input_ids=ids).logits[:, -1]
-    torch.testing.assert_close(scores, logits / 0.7, rtol=1e-4, atol=1e-4)
 
 
 class DigitPPO(PPOModule):
@@ -201,44 +183,18 @@ def test_quickstart_ppo_config_runs_through_the_cli(tiny_table, tmp_path):
     for tag in ("ppo/score_mean", "ppo/score_std", "ppo/sample_mae", "ppo/parse_rate", "ppo/kl_per_sequence",
                 "ppo/kl_coef", "ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac", "ppo/approx_kl",
                 "ppo/entropy", "ppo/explained_variance", "ppo/response_length", "ppo/harshness_level",
-                "ppo/samples_per_second", "val/mae", "val/parse_rate"):
+                "ppo/samples_per_second", "ppo/old_approx_kl", "curriculum/score_mean_100C",
+                "curriculum/success_rate_100C", "val/mae", "val/parse_rate"):
         assert tag in scalars, tag
     assert len(scalars["ppo/score_mean"]) == 3
-    assert "ppo/samples/text_summary" in read_tags(run, "tensors")
+    assert "hp_metric" not in scalars  # no placeholder card
+    tensors = read_tags(run, "tensors")
+    assert "ppo/samples/text_summary" in tensors
+    assert "custom_scalars__config__" in tensors  # the PPO layout of TensorBoard's Custom Scalars tab
+    assert "val/parity" in read_tags(run, "images")  # PPO's validation draws the parity plot SFT draws
     assert (tmp_path / "ppo-export" / "model.safetensors").exists()
     info = json.loads((tmp_path / "ppo-export" / "chemlit_export.json").read_text())
     assert info["stage"] == "ppo" and info["curriculum_history"][0] == [0, 0]
-
-
-DDP_SCRIPT = textwrap.dedent("""
-    import json, sys, torch, lightning as L
-    sys.path.insert(0, {tests!r})
-    from test_ppo_stage import tiny_ppo, tiny_data, trainer
-    L.seed_everything(0)
-    module = tiny_ppo()
-    fit = trainer({tmp!r}, strategy="ddp", devices=2, limit_train_batches=3)
-    fit.fit(module, tiny_data({table!r}, __import__("pathlib").Path({tmp!r})))
-    checksum = sum(p.double().sum().item() for p in module.model.parameters())
-    out = {{"rank": fit.global_rank, "world": fit.world_size, "checksum": checksum,
-            "curriculum": module.curriculum.state_dict(), "beta": module.kl_ctl.value}}
-    with open({tmp!r} + f"/rank{{fit.global_rank}}.json", "w") as f:
-        json.dump(out, f)
-""")
-
-
-def test_ddp_two_cpu_processes_stay_in_step(tiny_table, tmp_path):
-    script = tmp_path / "ddp_run.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), table=str(tiny_table)))
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                            cwd=str(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["world"] for r in ranks] == [2, 2]
-    # gradients are averaged across ranks, so both copies of the policy are the same after training,
-    # and the curriculum saw the successes of both ranks
-    assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-6)
-    assert ranks[0]["curriculum"] == ranks[1]["curriculum"]
-    assert ranks[0]["beta"] == ranks[1]["beta"]
 
 
 def test_walkthrough_notebook_executes():
@@ -252,3 +208,66 @@ def test_walkthrough_notebook_executes():
     errors = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs
               if o.get("output_type") == "error"]
     assert not errors
+
+
+class FirstMinibatch(PPOModule):
+    """Keeps the statistics of each iteration's first update: before it nothing has moved."""
+
+    def training_step(self, batch, batch_idx):
+        self.first_in_iteration = True
+        return super().training_step(batch, batch_idx)
+
+    def update(self, rollout, groups):
+        stats = super().update(rollout, groups)
+        if self.first_in_iteration:
+            self.first_stats = getattr(self, "first_stats", []) + [stats]
+            self.first_in_iteration = False
+        return stats
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_first_minibatch_ratio_is_exactly_one(tiny_table, tmp_path, precision):
+    """Old log-probs and values come from the forward the update runs, on the same minibatch: the first
+    minibatch of every iteration sees ratio 1 and old_approx_kl 0 exactly, in fp32 and under autocast."""
+    L.seed_everything(0)
+    module = tiny_ppo(FirstMinibatch, ppo=dict(num_minibatches=2, ppo_epochs=2))
+    trainer(tmp_path, limit_train_batches=3, precision=precision).fit(module, tiny_data(tiny_table, tmp_path))
+    assert len(module.first_stats) == 3
+    for stats in module.first_stats:
+        assert stats["ratio_mean"].item() == 1.0 and stats["old_approx_kl"].item() == 0.0
+        assert stats["clipfrac"].item() == 0.0
+
+
+class KeepEvaluated(PPOModule):
+    def advantages(self, rollout, scores):
+        self.evaluated = rollout
+        return super().advantages(rollout, scores)
+
+
+def test_plain_decoding_gives_the_fast_paths_tokens_and_logprobs(tiny_table, tmp_path):
+    """ppo.decoding: plain (generate + one ordinary forward) against the default fast path, from the same
+    seed: the same sampled tokens, old log-probs, values and reference log-probs (fp32, 1e-5)."""
+    rollouts = {}
+    for decoding in ("fast", "plain"):
+        L.seed_everything(0)
+        module = tiny_ppo(KeepEvaluated, ppo=dict(decoding=decoding, rationale="greedy", max_new_tokens=10,
+                                                  answer_max_new_tokens=4))
+        trainer(tmp_path / decoding, limit_train_batches=1).fit(module, tiny_data(tiny_table, tmp_path / decoding))
+        rollouts[decoding] = module.evaluated
+    fast, plain = rollouts["fast"], rollouts["plain"]
+    assert torch.equal(fast.prefix_ids, plain.prefix_ids) and torch.equal(fast.responses, plain.responses)
+    for name in ("logprobs", "values", "ref_logprobs"):
+        torch.testing.assert_close(getattr(fast, name), getattr(plain, name), rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_minibatches_split_the_molecules_evenly_and_the_reference_is_not_checkpointed(tiny_table, tmp_path):
+    module = tiny_ppo(ppo=dict(num_minibatches=3, ppo_epochs=2))
+    fit = trainer(tmp_path, limit_train_batches=1)
+    fit.fit(module, tiny_data(tiny_table, tmp_path))
+    plan = module.minibatch_plan(10)
+    assert len(plan) == 2 and all(len(epoch) == 3 for epoch in plan)
+    for epoch in plan:   # 10 molecules in 3 minibatches: 4, 3, 3 -- never a 1-molecule straggler
+        assert sorted(len(m) for m in epoch) == [3, 3, 4] and sorted(torch.cat(epoch).tolist()) == list(range(10))
+    assert len(module.minibatch_plan(2)[0]) == 2  # fewer molecules than minibatches: one molecule each
+    assert not any(name.startswith("reference") for name in module.state_dict())  # rebuilt on resume, not stored
+    assert module.reference.training is False and not any(p.requires_grad for p in module.reference.parameters())

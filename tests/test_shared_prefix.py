@@ -81,27 +81,34 @@ def test_sampling_draws_from_softmax_of_logits_over_temperature_without_truncati
     assert (frequencies > 0).sum() > 5  # more than top-k=5 distinct tokens were drawn
 
 
-def test_decoding_scores_equal_a_forward_pass_over_the_sampled_tokens():
-    """The loop's log-probs and hidden states (PPO's old log-probs and critic input) are those of the
-    policy's forward pass over what it sampled, at every written token."""
+def test_plain_generate_writes_the_same_tokens_and_forward_plain_the_same_logprobs():
+    """The debugging path (plain ``generate`` + one ordinary forward) against the fast path (cached loop,
+    rows leaving, shared prefix), from the same random state: same tokens, same log-probs (fp32)."""
+    from chemlit.models.shared_prefix import forward_plain, generate_plain
+
     model = tiny_model()
+    model.generation_config.top_k = 5      # what a hub model may carry: neither path may truncate the sampling
+    model.generation_config.top_p = 0.5
     prefix, prefix_mask = left_padded_prefixes()
     torch.manual_seed(3)
-    tokens, logprobs, hidden = decode_after_prefix(model, prefix, prefix_mask, 3, 6, EOS, PAD, temperature=0.8,
-                                                   with_scores=True)
-    written = torch.ones_like(tokens)
-    for row in range(tokens.size(0)):  # up to and including the end token
-        ends = (tokens[row] == EOS).nonzero()
-        if len(ends):
-            written[row, ends[0].item() + 1:] = 0
+    free = decode_after_prefix(model, prefix, prefix_mask, 3, 8, -1, PAD, temperature=0.8)
+    eos = int(free[0, 2])  # a token that makes rows end at different steps
+    torch.manual_seed(3)
+    fast = decode_after_prefix(model, prefix, prefix_mask, 3, 8, eos, PAD, temperature=0.8)
+    torch.manual_seed(3)
+    plain = generate_plain(model, prefix, prefix_mask, 3, 8, eos, PAD, temperature=0.8)
+    ends = {(row == eos).nonzero()[0].item() if (row == eos).any() else None for row in fast}
+    assert len(ends) > 1
+    assert torch.equal(fast, plain[:, :fast.size(1)]) and (plain[:, fast.size(1):] == PAD).all()
+    written = (torch.cumsum((fast == eos).long(), 1) - (fast == eos).long() == 0).long()  # up to the end token
     with torch.no_grad():
-        logits, plain_hidden = forward_with_shared_prefix(model, prefix, prefix_mask, tokens, written, 3,
-                                                          with_hidden=True)
-    plain = torch.log_softmax(logits / 0.8, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+        fast_logits, fast_hidden = forward_with_shared_prefix(model, prefix, prefix_mask, fast, written, 3, True)
+        plain_logits, plain_hidden = forward_plain(model, prefix, prefix_mask, fast, written, 3, True)
     live = written.bool()
-    torch.testing.assert_close(logprobs[live], plain[live], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(hidden[live], plain_hidden[live], rtol=1e-4, atol=1e-5)
-    assert (logprobs[~live] == 0).all() and (hidden[~live] == 0).all()
+    fast_lp = torch.log_softmax(fast_logits, -1).gather(-1, fast[..., None]).squeeze(-1)
+    plain_lp = torch.log_softmax(plain_logits, -1).gather(-1, fast[..., None]).squeeze(-1)
+    torch.testing.assert_close(fast_lp[live], plain_lp[live], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_hidden[live], plain_hidden[live], rtol=1e-5, atol=1e-5)
 
 
 def test_preallocated_cache_layer_holds_what_a_growing_layer_holds_through_repeat_select_and_growth():
@@ -133,7 +140,7 @@ def test_inverse_cdf_sampler_never_draws_a_zero_probability_token():
 
     torch.manual_seed(0)
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.5], [0.0, 0.0, 0.0, 1.0], [0.25, 0.25, 0.25, 0.25]]).repeat(2000, 1)
-    drawn = sample_from(probs).view(2000, 3)
+    drawn = sample_from(probs, torch.rand(probs.size(0), dtype=torch.float64)).view(2000, 3)
     assert set(drawn[:, 0].tolist()) == {1, 3} and (drawn[:, 1] == 3).all()
     counts = torch.bincount(drawn[:, 2], minlength=4).float() / 2000
     assert (counts - 0.25).abs().max() < 0.04
@@ -153,8 +160,8 @@ def small_model(model_type: str, seed: int = 0, **extra):
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
 def test_shared_prefix_attention_decodes_what_the_repeated_cache_decodes(model_type, monkeypatch):
     """Sampling with the prefix's cache kept once per group (attend_after_shared_prefix) writes the
-    same tokens, log-probs and hidden states as with the cache repeated K times, while rows of the
-    same group end at different steps and leave the batch."""
+    same tokens, and computes the same logits at every step, as with the cache repeated K times,
+    while rows of the same group end at different steps and leave the batch."""
     import chemlit.models.shared_prefix as shared_prefix
 
     model = small_model(model_type)
@@ -171,8 +178,12 @@ def test_shared_prefix_attention_decodes_what_the_repeated_cache_decodes(model_t
 
     def decode(eos: int, share: bool):
         monkeypatch.setattr(shared_prefix, "can_share_prefix_attention", lambda m: share)
+        logits = []  # what the model predicts at every decoding step, for the rows still writing
+        hook = model.lm_head.register_forward_hook(lambda module, args, out: logits.append(out[:, -1].clone()))
         torch.manual_seed(5)
-        return decode_after_prefix(model, prefix, prefix_mask, 4, 12, eos, PAD, temperature=1.5, with_scores=True)
+        tokens = decode_after_prefix(model, prefix, prefix_mask, 4, 12, eos, PAD, temperature=1.5)
+        hook.remove()
+        return tokens, logits
 
     free = decode(-1, share=False)[0]                    # no row ends: find a token that ends rows apart
     eos = int(free[0, 2])
@@ -183,8 +194,9 @@ def test_shared_prefix_attention_decodes_what_the_repeated_cache_decodes(model_t
     assert len(set(ends)) > 2                            # rows ended apart ...
     assert rows_seen[0] is None and rows_seen[-1] is not None  # ... and some left the batch mid-decoding
     assert torch.equal(mine[0], plain[0])
-    torch.testing.assert_close(mine[1], plain[1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(mine[2], plain[2], rtol=1e-5, atol=1e-5)
+    assert len(mine[1]) == len(plain[1]) > 5
+    for step, (a, b) in enumerate(zip(mine[1], plain[1])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {step}")
     assert model.config._attn_implementation == implementation  # switched back after the loop
 
 

@@ -25,7 +25,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Optional
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -103,15 +103,25 @@ def own_tokens_cache(cache, rows: int, new_tokens: int):
     return cache
 
 
-def sample_from(probs: torch.Tensor) -> torch.Tensor:
-    """One token per row drawn from ``probs`` (A, V) by inverting its cumulative distribution.
+def draw_uniforms(rows: int, max_new_tokens: int, device) -> torch.Tensor:
+    """(rows, max_new_tokens) uniform numbers, one per row and step, drawn before decoding starts.
+
+    Both decoding paths (the fast loop here and plain ``generate``) draw them the same way and pick
+    token t of row b with ``uniforms[b, t]``, so from the same random state they write the same
+    tokens, whichever rows have already finished.
+    """
+    return torch.rand(rows, max_new_tokens, dtype=torch.float64, device=device)
+
+
+def sample_from(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row drawn from ``probs`` (A, V) by inverting its cumulative distribution at ``uniforms`` (A,).
 
     Exact sampling with one uniform number per row; ``torch.multinomial`` draws one random number
     per vocabulary entry (131k per step for 128 rows, ~9% of a rollout). The cumulative sum is
     taken in float64 so rounding cannot move mass between tokens of a large vocabulary.
     """
     cdf = probs.double().cumsum(dim=-1)                                      # (A, V)
-    u = torch.rand(probs.size(0), 1, dtype=cdf.dtype, device=probs.device) * cdf[:, -1:]
+    u = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]                        # (A, 1)
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.size(-1) - 1)
 
 
@@ -235,10 +245,11 @@ def forward_with_shared_prefix(model, prefix_ids: torch.Tensor, prefix_mask: tor
     the K continuations of group g in rows g*K .. g*K+K-1. Returns logits (G*K, T, V) and hidden
     states (G*K, T, H) at positions P-1 .. P+T-2 of the joined sequence -- position t's output
     predicts token t+1, so row t of the result predicts continuation token t.
+    ``forward_plain`` computes the same with one ordinary forward pass over the K-times repeated rows.
     """
     out = model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions(prefix_mask),
                 use_cache=True, output_hidden_states=with_hidden, logits_to_keep=1)  # only the last predicts
-    cache = out.past_key_values
+    cache = out.cache
     cache.batch_repeat_interleave(repeats)                                   # (G*K, heads, P, d) per layer
     first_logits = out.logits[:, -1:].repeat_interleave(repeats, dim=0)      # (G*K, 1, V)
     first_hidden = out.hidden_states[-1][:, -1:].repeat_interleave(repeats, dim=0) if with_hidden else None
@@ -247,65 +258,72 @@ def forward_with_shared_prefix(model, prefix_ids: torch.Tensor, prefix_mask: tor
     mask = torch.cat([prefix_mask.repeat_interleave(repeats, dim=0), continuation_mask], dim=1)  # (G*K, P+T)
     P = prefix_ids.size(1)
     rest = model(input_ids=continuation_ids[:, :-1], attention_mask=mask[:, :-1],
-                 position_ids=positions(mask)[:, P:-1], past_key_values=cache, use_cache=True,
+                 position_ids=positions(mask)[:, P:-1], cache=cache, use_cache=True,
                  output_hidden_states=with_hidden)
     logits = torch.cat([first_logits, rest.logits], dim=1)                   # (G*K, T, V)
     hidden = torch.cat([first_hidden, rest.hidden_states[-1]], dim=1) if with_hidden else None
     return logits, hidden
 
 
+def forward_plain(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, continuation_ids: torch.Tensor,
+                  continuation_mask: torch.Tensor, repeats: int, with_hidden: bool = False
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """What ``forward_with_shared_prefix`` returns, from one plain forward pass over [prefix, continuation]
+    with each prefix repeated K times: nothing clever, for reading in a debugger."""
+    P, T = prefix_ids.size(1), continuation_ids.size(1)
+    input_ids = torch.cat([prefix_ids.repeat_interleave(repeats, dim=0), continuation_ids], dim=1)    # (G*K, P+T)
+    mask = torch.cat([prefix_mask.repeat_interleave(repeats, dim=0), continuation_mask], dim=1)       # (G*K, P+T)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask),
+                output_hidden_states=with_hidden)
+    logits = out.logits[:, P - 1:P + T - 1]                                  # (G*K, T, V): position t predicts t+1
+    hidden = out.hidden_states[-1][:, P - 1:P + T - 1] if with_hidden else None
+    return logits, hidden
+
+
 @torch.no_grad()
 def decode_after_prefix(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, repeats: int,
                         max_new_tokens: int, eos_token_id: int, pad_token_id: int,
-                        temperature: Optional[float] = 1.0, with_scores: bool = False):
+                        temperature: Optional[float] = 1.0) -> torch.Tensor:
     """K continuations per prefix from the model's cached decoding loop.  -> (G*K, T) token ids.
 
     ``temperature=None`` (or 0) is greedy; otherwise each token is drawn from
     softmax(logits / temperature) -- plain sampling, no top-k, no top-p, whatever the model's
-    generation_config says. Rows that have written the end token leave the batch (with their cache
-    rows) once a quarter of it has ended -- in bulk, because dropping rows copies the cache -- so a
-    long answer does not make every finished row pay for its extra steps. After the end token a row
-    holds ``pad_token_id``; T is the longest continuation written. The cache has room for all
-    ``max_new_tokens`` from the start (``PreallocatedLayer``): a step writes one column, not a copy.
-    With K > 1 it holds only each row's own tokens; the prefix's stay once per group (``SharedPrefix``).
-
-    ``with_scores=True`` also returns what the loop computed anyway for each written token: its
-    log-probability under softmax(logits / temperature) (G*K, T) and the last hidden state that
-    predicted it (G*K, T, H) -- PPO's old log-probs and its critic's input, without another forward
-    pass. Both are 0 after a row's end.
+    generation_config says, at the pre-drawn uniform of its row and step (``draw_uniforms``). Rows
+    that have written the end token leave the batch (with their cache rows) once a quarter of it has
+    ended -- in bulk, because dropping rows copies the cache -- so a long answer does not make every
+    finished row pay for its extra steps. After the end token a row holds ``pad_token_id``; T is the
+    longest continuation written. The cache has room for all ``max_new_tokens`` from the start
+    (``PreallocatedLayer``): a step writes one column, not a copy. With K > 1 it holds only each
+    row's own tokens; the prefix's stay once per group (``SharedPrefix``).
+    ``generate_plain`` writes the same tokens with ``model.generate``.
     """
+    rows = prefix_ids.size(0) * repeats
+    uniforms = draw_uniforms(rows, max_new_tokens, prefix_ids.device) if temperature else None
     out = model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions(prefix_mask),
-                use_cache=True, output_hidden_states=with_scores, logits_to_keep=1)
+                use_cache=True, logits_to_keep=1)
     # Several rows per prefix and plain attention: the prefix's cache stays one copy per group and each
     # row's cache holds its own tokens (attend_after_shared_prefix). Otherwise the cache is repeated.
-    shared = SharedPrefix(out.past_key_values, prefix_mask, repeats) \
-        if repeats > 1 and can_share_prefix_attention(model) else None
-    rows = prefix_ids.size(0) * repeats
+    shared = SharedPrefix(out.cache, prefix_mask, repeats) if repeats > 1 and can_share_prefix_attention(model) else None
     if shared is not None:
-        cache = own_tokens_cache(out.past_key_values, rows, max_new_tokens)
+        cache = own_tokens_cache(out.cache, rows, max_new_tokens)
         attention, mask = attention_implementation(model, SHARED_PREFIX_ATTENTION), None
     else:
-        cache = with_room(out.past_key_values, repeats, max_new_tokens)
+        cache = with_room(out.cache, repeats, max_new_tokens)
         attention, mask = nullcontext(), prefix_mask.repeat_interleave(repeats, dim=0).long()  # (A, P + t)
     logits = out.logits[:, -1].repeat_interleave(repeats, dim=0)              # (A, V), A = rows still writing
-    hidden = out.hidden_states[-1][:, -1].repeat_interleave(repeats, dim=0) if with_scores else None  # (A, H)
     next_position = prefix_mask.sum(dim=1).repeat_interleave(repeats)        # (A,)
     active = torch.arange(rows, device=logits.device)                         # which output row each is
     live = torch.ones(rows, dtype=torch.bool, device=logits.device)          # (A,) not yet ended
     tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=logits.device)
-    if with_scores:
-        logprobs = torch.zeros(rows, max_new_tokens, device=logits.device)
-        hiddens = torch.zeros(rows, max_new_tokens, hidden.size(-1), dtype=hidden.dtype, device=logits.device)
     length = 0
     with attention:
         for step in range(max_new_tokens):
-            scaled = logits.float() / (temperature or 1.0)
-            token = sample_from(torch.softmax(scaled, dim=-1)) if temperature else logits.argmax(dim=-1)  # (A,)
+            if temperature:
+                token = sample_from(torch.softmax(logits.float() / temperature, dim=-1), uniforms[active, step])  # (A,)
+            else:
+                token = logits.argmax(dim=-1)                                 # (A,)
             written = active[live]                                            # output rows written this step
             tokens[written, step] = token[live]
-            if with_scores:
-                logprobs[written, step] = torch.log_softmax(scaled[live], dim=-1).gather(1, token[live, None]).squeeze(1)
-                hiddens[written, step] = hidden[live]
             length = step + 1
             live = live & (token != eos_token_id)
             if step + 1 == max_new_tokens or not live.any():
@@ -321,11 +339,38 @@ def decode_after_prefix(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tens
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)
             out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position[:, None],
-                        past_key_values=cache, use_cache=True, output_hidden_states=with_scores,
-                        **({"shared_prefix": shared} if shared is not None else {}))
+                        cache=cache, use_cache=True, **({"shared_prefix": shared} if shared is not None else {}))
             logits = out.logits[:, -1]
-            hidden = out.hidden_states[-1][:, -1] if with_scores else None
             next_position = next_position + 1
-    if with_scores:
-        return tokens[:, :length], logprobs[:, :length], hiddens[:, :length]
     return tokens[:, :length]
+
+
+class InverseCDFSampling(LogitsProcessor):
+    """Makes ``generate`` pick each token as ``decode_after_prefix`` does: the inverse CDF of
+    softmax(scores / temperature) at the row's pre-drawn uniform for this step. It returns 0 for that
+    token and -inf elsewhere, so greedy selection then takes it."""
+
+    def __init__(self, uniforms: torch.Tensor, temperature: float, prompt_length: int):
+        self.uniforms, self.temperature, self.prompt_length = uniforms, temperature, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.size(1) - self.prompt_length
+        token = sample_from(torch.softmax(scores.float() / self.temperature, dim=-1), self.uniforms[:, step])
+        return torch.full_like(scores, float("-inf")).scatter_(1, token[:, None], 0.0)
+
+
+@torch.no_grad()
+def generate_plain(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, repeats: int,
+                   max_new_tokens: int, eos_token_id: int, pad_token_id: int,
+                   temperature: Optional[float] = 1.0) -> torch.Tensor:
+    """``decode_after_prefix`` done by ``model.generate`` on the K-times repeated prefixes: the same tokens
+    (same uniforms, same inverse-CDF pick), none of the machinery. -> (G*K, T) token ids."""
+    rows = prefix_ids.size(0) * repeats
+    uniforms = draw_uniforms(rows, max_new_tokens, prefix_ids.device) if temperature else None
+    input_ids = prefix_ids.repeat_interleave(repeats, dim=0)                  # (G*K, P)
+    processors = LogitsProcessorList([InverseCDFSampling(uniforms, temperature, input_ids.size(1))] if temperature else [])
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_token_id,
+                              pad_token_id=pad_token_id)
+    sequences = model.generate(input_ids=input_ids, attention_mask=prefix_mask.repeat_interleave(repeats, dim=0),
+                               generation_config=config, logits_processor=processors)
+    return sequences[:, input_ids.size(1):]

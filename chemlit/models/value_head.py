@@ -19,8 +19,9 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.summary.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (B, T, H) -> values (B, T), computed in fp32 whatever the model's dtype."""
-        return self.summary(hidden.float()).squeeze(-1)
+        """hidden (B, T, H) -> values (B, T), computed in fp32 whatever the model's dtype (autocast off here)."""
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return self.summary(hidden.float()).squeeze(-1)
 
 
 def disable_dropout(module: nn.Module) -> int:

@@ -2,20 +2,25 @@
 
 One training step is one PPO iteration, and reads as the algorithm does:
 
-    rollout  = self.rollout(batch)           sample K answers per molecule: token ids, log-probs, values
+    rollout  = self.rollout(batch)            sample K answers per molecule: token ids
     scored   = self.score(rollout)            parse, error, reward at the curriculum's harshness
-    self.evaluate(rollout)                    reference log-probs
-    self.advantages(rollout, scores)          KL-penalised token rewards -> GAE -> whitened advantages
-    for epoch in ppo_epochs: for minibatch:   self.update(minibatch): clipped policy + value + entropy
+    plan     = self.minibatch_plan(G)         which molecules go into which minibatch, per PPO epoch
+    self.evaluate(rollout, plan[0])           old log-probs and values (the update's own forward), reference log-probs
+    self.advantages(rollout, scores)          token rewards (score, k1 KL penalty) -> GAE -> whitened advantages
+    for minibatch in plan: self.update(...)   forward -> ppo_math.ppo_loss -> backward -> clip -> step
 
-Every formula is a pure function in ``chemlit.rl.ppo_math``; this file only puts them in order.
-A molecule's K samples share a prefix (the prompt, or with ``ppo.rationale: greedy`` the prompt and
-the molecule's greedy rationale up to "##Prediction:"): decoding and every forward pass compute it
-once per molecule (``chemlit.models.shared_prefix``), and minibatches hold whole molecules.
-The design avoids each thing that made the original TRL run flat (see ../shared/DESIGN.md): K
-samples per prompt with temperature, sampled ids never re-tokenised, a small KL coefficient with an
-unbiased non-negative estimator, an adaptive controller whose horizon is in samples, per-prompt
-score baselines, advantages whitened over the whole batch, and a lenient-first curriculum.
+Every formula is a pure function in ``chemlit.rl.ppo_math`` (the whole minibatch loss is
+``ppo_loss``); this file only runs the networks and puts the formulas in order. A molecule's K
+samples share a prefix (the prompt, or with ``ppo.rationale: greedy`` the prompt and the
+molecule's greedy rationale up to "##Prediction:"): by default decoding and every forward pass
+compute it once per molecule (``chemlit.models.shared_prefix``); ``ppo.decoding: plain`` uses
+``model.generate`` and one ordinary forward pass instead (the same tokens and numbers, a shallow
+stack to step through). Minibatches hold whole molecules.
+
+With several processes (``trainer.strategy: ddp``) each rank rolls out its own share of the
+molecules (Lightning's DistributedSampler); whatever is a statistic of "the batch" -- score and
+advantage normalisation, explained variance, the KL controller's input, the curriculum's success
+window, the logged metrics -- is reduced over all ranks; a group baseline stays per molecule.
 """
 
 from __future__ import annotations
@@ -25,22 +30,22 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Optional
+from itertools import chain
+from typing import Literal, Optional
 
 import numpy as np
 import torch
 
 from chemlit.data.datamodule import pad_left
-from chemlit.data.prompts import ANSWER_MARKER, marker_ends, parse_prediction
-from chemlit.eval.metrics import PredictionMetrics
+from chemlit.data.prompts import ANSWER_MARKER, answer_prefix, parse_prediction
 from chemlit.models.factory import LoraSpec, ModelSpec
-from chemlit.models.shared_prefix import decode_after_prefix, forward_with_shared_prefix
+from chemlit.models.shared_prefix import forward_plain, forward_with_shared_prefix
 from chemlit.models.value_head import ValueHead, disable_dropout
 from chemlit.rl import ppo_math as pm
 from chemlit.rl.curriculum import Curriculum, CurriculumSpec
 from chemlit.rl.kl import KLController, KLSpec
 from chemlit.rl.rewards import RewardSpec, ScoredAnswers, normalize_scores, score_answers
-from chemlit.stages.base import StageModule, allow_in_checkpoints
+from chemlit.stages.base import AnsweringStage, allow_in_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +99,10 @@ class PPOSpec:
     ratio_threshold: float = 10.0
     """Skip (and count) a minibatch whose mean policy ratio over its tokens exceeds this: the
     policy has run away from the samples (a single rare token may legitimately move further)."""
+    decoding: Literal["fast", "plain"] = "fast"
+    """fast: chemlit's cached decoding loop and shared-prefix forward passes. plain: ``model.generate``
+    and one ordinary forward pass over [prompt, response] -- the same tokens and numbers (tested),
+    slower, and a shallow stack to step through in a debugger."""
 
 
 @dataclass
@@ -113,7 +122,7 @@ class Rollout:
     finished: list[bool]           # did the response end with the end token
     targets: list[float]           # measured value of each sample's molecule
     smiles: list[str]
-    logprobs: Optional[torch.Tensor] = None      # (B, T) under the sampling policy
+    logprobs: Optional[torch.Tensor] = None      # (B, T) under the policy that sampled them (before the update)
     ref_logprobs: Optional[torch.Tensor] = None  # (B, T) under the frozen reference
     values: Optional[torch.Tensor] = None        # (B, T) critic before the update
     advantages: Optional[torch.Tensor] = None    # (B, T)
@@ -125,8 +134,46 @@ class Rollout:
         K = self.group_size
         return (groups[:, None] * K + torch.arange(K, device=groups.device)).reshape(-1)
 
+    def length(self, rows: torch.Tensor) -> int:
+        """The longest response among ``rows``: a minibatch is cut to it (no pure-padding columns)."""
+        return max(int(self.response_mask[rows].sum(1).max()), 1)
+
 
 allow_in_checkpoints(PPOLora, PPOSpec, KLSpec, RewardSpec, CurriculumSpec)
+
+
+# TensorBoard's "Custom Scalars" tab: the PPO story in the order one reads it, instead of ~25 cards
+# sorted alphabetically. {category: {chart: ["Multiline", [tag regexes]]}}.
+TENSORBOARD_LAYOUT = {
+    "PPO 1: reward and success, one line per curriculum level": {
+        "mean score of the sampled answers": ["Multiline", [r"curriculum/score_mean_.*"]],
+        "success rate (reward >= reward.success_reward)": ["Multiline", [r"curriculum/success_rate_.*",
+                                                                          r"ppo/window_success_rate"]],
+        "tolerance (°C)": ["Multiline", [r"ppo/tolerance_c"]],
+        "MAE (°C): sampled answers, greedy answers, validation": ["Multiline", [r"ppo/sample_mae", r"ppo/greedy_mae",
+                                                                               r"val/mae"]],
+    },
+    "PPO 2: KL to the reference and β": {
+        "KL per answer (k3 estimate, nats)": ["Multiline", [r"ppo/kl_per_sequence"]],
+        "β (kl_coef)": ["Multiline", [r"ppo/kl_coef"]],
+    },
+    "PPO 3: policy": {
+        "clip fraction": ["Multiline", [r"ppo/clipfrac"]],
+        "approx_kl / old_approx_kl (old policy -> new)": ["Multiline", [r"ppo/approx_kl", r"ppo/old_approx_kl"]],
+        "entropy": ["Multiline", [r"ppo/entropy"]],
+        "policy loss": ["Multiline", [r"ppo/policy_loss"]],
+    },
+    "PPO 4: value": {
+        "value loss": ["Multiline", [r"ppo/value_loss"]],
+        "explained variance": ["Multiline", [r"ppo/explained_variance"]],
+        "value clip fraction": ["Multiline", [r"ppo/value_clipfrac"]],
+    },
+    "PPO 5: throughput": {
+        "samples / s": ["Multiline", [r"ppo/samples_per_second"]],
+        "response length (tokens)": ["Multiline", [r"ppo/response_length"]],
+        "skipped minibatches": ["Multiline", [r"ppo/skipped_minibatches"]],
+    },
+}
 
 
 def response_mask_from_tokens(responses: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +183,7 @@ def response_mask_from_tokens(responses: torch.Tensor, eos_token_id: int) -> tup
     return before_or_at.long(), is_eos.any(dim=1)
 
 
-class PPOModule(StageModule):
+class PPOModule(AnsweringStage):
     stage_name = "ppo"
 
     def __init__(
@@ -162,7 +209,7 @@ class PPOModule(StageModule):
             weight_decay: AdamW weight decay (0: stay near the SFT model through the KL term only).
             warmup_steps: iterations of linear warm-up.
             ppo: the update (samples per prompt, temperature, epochs, minibatches, clipping...).
-            kl: the penalty to the frozen reference (coefficient, fixed/adaptive, estimator).
+            kl: the penalty to the frozen reference (coefficient, fixed/adaptive, estimator and where it goes).
             reward: scoring (no-answer penalty, success threshold, score normalisation).
             curriculum: harshness levels (tolerances in °C), thresholds and window.
             lora: adapter; with it the reference is the adapter-disabled network.
@@ -174,10 +221,13 @@ class PPOModule(StageModule):
         super().__init__(model, learning_rate, weight_decay, warmup_steps, export_dir)
         if ppo.rationale not in ("sampled", "greedy"):
             raise ValueError(f"ppo.rationale must be 'sampled' or 'greedy', got {ppo.rationale!r}")
+        if ppo.decoding not in ("fast", "plain"):
+            raise ValueError(f"ppo.decoding must be 'fast' or 'plain', got {ppo.decoding!r}")
         self.lora = lora
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.ppo = ppo
+        self.plain_decoding = ppo.decoding == "plain"
         self.kl_spec = kl
         self.reward_spec = reward
         self.curriculum_spec = curriculum
@@ -187,12 +237,8 @@ class PPOModule(StageModule):
         self.val_generate_limit = val_generate_limit
         self.log_examples = log_examples
         self.value_head: Optional[ValueHead] = None
-        self.reference = None
         self.skipped_minibatches = 0
         self.iteration = 0  # PPO iterations done (Lightning's global_step counts optimizer steps)
-        self.val_metrics = PredictionMetrics()
-        self.test_metrics = PredictionMetrics()
-        self._val_generated = 0
 
     # ------------------------------------------------------------------ model
     def setup(self, stage: str) -> None:
@@ -200,28 +246,40 @@ class PPOModule(StageModule):
         if self.value_head is None:
             disable_dropout(self.model)
             self.value_head = ValueHead(self.model.config.hidden_size)
-            if not self.uses_lora:
-                self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
+        if stage == "fit" and not self.uses_lora and "reference" not in self.__dict__:
+            # The frozen reference is the start model. It is kept out of the module's registered
+            # children (object.__setattr__), so checkpoints do not store a second copy of the
+            # network: setup() runs before a checkpoint's weights are loaded, so a resumed run
+            # rebuilds it from `model` exactly as the first run did.
+            object.__setattr__(self, "reference", copy.deepcopy(self.model).requires_grad_(False).eval())
+
+    def on_fit_start(self) -> None:
+        if not self.uses_lora:  # not a registered child: it moves with the policy by hand
+            self.reference.to(self.device)
+        experiment = getattr(self.logger, "experiment", None)
+        if self.trainer.is_global_zero and hasattr(experiment, "add_custom_scalars"):
+            experiment.add_custom_scalars(TENSORBOARD_LAYOUT)
 
     @property
     def uses_lora(self) -> bool:
         return self.lora is not None and self.lora.enabled
 
-    def forward_policy(self, rollout: Rollout, groups: torch.Tensor, length: Optional[int] = None,
-                       with_values: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Logits (divided by the temperature) and values at the response tokens of ``groups``.
+    def forward_policy(self, rollout: Rollout, groups: torch.Tensor, length: int,
+                       network=None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Logits (divided by the temperature) and values at the first ``length`` response tokens of ``groups``.
 
-        -> (b, T, V), (b, T) for the b = len(groups) × K rows, T = ``length`` (default: the whole
-        response width). Each group's prefix is computed once and shared by its K samples
-        (chemlit.models.shared_prefix): same numbers as a forward pass over the K repeated rows, a
-        fraction of the work.
+        -> (b, length, V), (b, length) for the b = len(groups) × K rows. ``network`` (default: the
+        policy) is the reference for reference log-probs, which need no values. Fast: each group's
+        prefix is computed once and shared by its K samples; plain: one forward pass over the
+        repeated [prefix, response] rows. Same numbers (tests/test_shared_prefix.py).
         """
         rows = rollout.rows(groups)
-        length = length or rollout.responses.size(1)
-        logits, hidden = forward_with_shared_prefix(
-            self.model, rollout.prefix_ids[groups], rollout.prefix_mask[groups], rollout.responses[rows, :length],
-            rollout.response_mask[rows, :length], rollout.group_size, with_hidden=with_values)
-        values = self.value_head(hidden) if with_values else None                 # (b, T)
+        with_values = network is None
+        forward = forward_plain if self.plain_decoding else forward_with_shared_prefix
+        logits, hidden = forward(network or self.model, rollout.prefix_ids[groups], rollout.prefix_mask[groups],
+                                 rollout.responses[rows, :length], rollout.response_mask[rows, :length],
+                                 rollout.group_size, with_hidden=with_values)
+        values = self.value_head(hidden) if with_values else None                 # (b, length)
         return self.tempered(logits), values
 
     def tempered(self, logits: torch.Tensor) -> torch.Tensor:
@@ -231,13 +289,14 @@ class PPOModule(StageModule):
     @torch.no_grad()
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
         """(B, T) log-probs of the sampled responses under the frozen reference."""
-        args = (rollout.prefix_ids, rollout.prefix_mask, rollout.responses, rollout.response_mask, rollout.group_size)
+        groups = torch.arange(rollout.prefix_ids.size(0), device=rollout.responses.device)
+        T = rollout.responses.size(1)
         if self.uses_lora:
             with self.model.disable_adapter():
-                logits, _ = forward_with_shared_prefix(self.model, *args)
+                logits, _ = self.forward_policy(rollout, groups, T, network=self.model)
         else:
-            logits, _ = forward_with_shared_prefix(self.reference, *args)
-        return pm.logprobs_from_logits(self.tempered(logits), rollout.responses)
+            logits, _ = self.forward_policy(rollout, groups, T, network=self.reference)
+        return pm.logprobs_from_logits(logits, rollout.responses)
 
     # ------------------------------------------------------------------ the story of one iteration
     @torch.no_grad()
@@ -257,11 +316,7 @@ class PPOModule(StageModule):
             max_new_tokens = self.ppo.max_new_tokens
             if self.reward_spec.normalize == "greedy":  # the baseline: what greedy decoding answers
                 _, greedy_texts = self.write_answers(prefix_ids, prefix_mask, max_new_tokens)
-        # The loop also returns each sampled token's log-prob and hidden state: the old policy's
-        # log-probs and the critic's input, so `evaluate` needs no second forward pass of the policy.
-        responses, logprobs, hidden = decode_after_prefix(self.model, prefix_ids, prefix_mask, K, max_new_tokens,
-                                                          eos, pad, temperature=self.ppo.temperature,
-                                                          with_scores=True)          # (B, T), (B, T), (B, T, H)
+        responses = self.decode(prefix_ids, prefix_mask, K, max_new_tokens, self.ppo.temperature)   # (B, T)
         response_mask, finished = response_mask_from_tokens(responses, eos)
         # Tokens after the end token are not part of the answer: decode them as padding (not as id 0,
         # which is a real token in most pretrained vocabularies).
@@ -270,8 +325,7 @@ class PPOModule(StageModule):
         targets = batch["targets"].repeat_interleave(K).tolist()
         smiles = [s for s in batch["smiles"] for _ in range(K)]
         return Rollout(prefix_ids, prefix_mask, responses, response_mask, K, texts, finished.tolist(), targets,
-                       smiles, logprobs=logprobs * response_mask, values=self.value_head(hidden) * response_mask,
-                       greedy_texts=greedy_texts)
+                       smiles, greedy_texts=greedy_texts)
 
     @torch.no_grad()
     def greedy_rationales(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
@@ -279,8 +333,9 @@ class PPOModule(StageModule):
         """Prompt + greedy rationale + "##Prediction:" per molecule, left-padded; the rationale texts;
         and the whole greedy answers (what greedy evaluation would answer).
 
-        The rationale is cut after the first answer marker the model writes; a rationale without
-        one (cut by max_new_tokens, or ended early) gets the marker appended, so every sample answers.
+        The rationale is cut after the answer marker where the parser reads (the last one); a
+        rationale without one (cut by max_new_tokens, or ended early) gets the marker appended, so
+        every sample answers.
         """
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         written, greedy_texts = self.write_answers(prompt_ids, prompt_mask, self.ppo.max_new_tokens)  # (G, T)
@@ -289,8 +344,7 @@ class PPOModule(StageModule):
         prefixes, texts = [], []
         for b in range(written.size(0)):
             tokens = [t for t in written[b].tolist() if t not in (pad, eos)]
-            ends = marker_ends(tokens, marker)
-            tokens = tokens[:ends[0]] if ends else tokens + newline_marker
+            tokens = answer_prefix(tokens, marker) or tokens + newline_marker
             prefixes.append(prompt_ids[b][prompt_mask[b].bool()].tolist() + tokens)
             texts.append(self.tokenizer.decode(tokens, skip_special_tokens=True))
         ids = pad_left(prefixes, pad, None).to(prompt_ids.device)
@@ -310,47 +364,76 @@ class PPOModule(StageModule):
         return score_answers(rollout.greedy_texts, [True] * len(rollout.greedy_texts),
                              rollout.targets[::rollout.group_size], self.curriculum.tolerance_c, self.reward_spec)
 
+    def normalized_scores(self, scored: ScoredAnswers, greedy: Optional[ScoredAnswers]) -> torch.Tensor:
+        """(B,) rewards compared with their baseline (reward.normalize), scaled over the whole batch of all ranks."""
+        return normalize_scores(scored.rewards.to(self.device), self.ppo.samples_per_prompt,
+                                self.reward_spec.normalize,
+                                baseline=greedy.rewards.to(self.device) if greedy is not None else None,
+                                reduce_sum=self.all_reduce_sum)
+
+    def minibatch_plan(self, groups: int) -> list[list[torch.Tensor]]:
+        """For each PPO epoch, the G molecules in a random order split into ``num_minibatches``
+        minibatches whose sizes differ by at most one molecule (a molecule's K samples stay together)."""
+        plan = []
+        for _ in range(self.ppo.ppo_epochs):
+            order = torch.randperm(groups, device=self.device)
+            plan.append([part for part in order.tensor_split(min(self.ppo.num_minibatches, groups))])
+        return plan
+
     @torch.no_grad()
-    def evaluate(self, rollout: Rollout) -> None:
-        """The reference's log-probs. The sampling policy's log-probs and values are already in the
-        rollout: the decoding loop that sampled the tokens computed them."""
+    def evaluate(self, rollout: Rollout, minibatches: list[torch.Tensor]) -> None:
+        """Old log-probs and values from the very forward the update runs on the same minibatches
+        (so the first minibatch's ratio is exactly 1), and the reference's log-probs."""
+        mask = rollout.response_mask
+        logprobs = torch.zeros(mask.shape, device=self.device)                     # (B, T)
+        values = torch.zeros(mask.shape, device=self.device)                       # (B, T)
+        for groups in minibatches:
+            rows = rollout.rows(groups)
+            T = rollout.length(rows)
+            logits, minibatch_values = self.forward_policy(rollout, groups, T)      # (b, T, V), (b, T)
+            logprobs[rows, :T] = pm.logprobs_from_logits(logits, rollout.responses[rows, :T])
+            values[rows, :T] = minibatch_values
+        rollout.logprobs, rollout.values = logprobs * mask, values * mask
         rollout.ref_logprobs = self.reference_logprobs(rollout)                    # (B, T)
 
     @torch.no_grad()
     def advantages(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
-        """Token rewards (KL penalty + score at the end) -> GAE -> advantages whitened over the batch."""
+        """Token rewards (score at the end, -β·k1 per token when the KL penalty is in the reward) ->
+        GAE -> advantages whitened over the whole batch (all ranks)."""
         mask = rollout.response_mask
-        rewards = pm.token_rewards(scores.to(self.device), rollout.logprobs, rollout.ref_logprobs, mask,
-                                   self.kl_ctl.value, self.kl_spec.kind)                      # (B, T)
+        beta_in_reward = self.kl_ctl.value if self.kl_spec.where == "reward" else 0.0
+        rewards = pm.token_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask, beta_in_reward,
+                                   self.kl_spec.kind)                                          # (B, T)
         advantages, returns = pm.gae(rewards, rollout.values, mask, self.ppo.gamma, self.ppo.lam)  # (B, T)
         if self.reward_spec.normalize == "greedy":  # scaled, not re-centred: 'better than greedy' stays > 0
-            rollout.advantages = advantages / pm.masked_mean(advantages ** 2, mask).sqrt().clamp(min=1e-6) * mask
-        else:                                      # whitened over the whole batch
-            rollout.advantages = pm.masked_whiten(advantages, mask) * mask
+            rms = pm.masked_mean(advantages ** 2, mask, self.all_reduce_sum).sqrt().clamp(min=1e-6)
+            rollout.advantages = advantages / rms * mask
+        else:
+            rollout.advantages = pm.masked_whiten(advantages, mask, reduce_sum=self.all_reduce_sum) * mask
         rollout.returns = returns
         return rewards
 
+    def loss_spec(self) -> pm.LossSpec:
+        kl_in_loss = self.kl_ctl.value if self.kl_spec.where == "loss" else 0.0
+        return pm.LossSpec(clip_range=self.ppo.clip_range, clip_range_value=self.ppo.clip_range_value,
+                           vf_coef=self.ppo.vf_coef, ent_coef=self.ppo.ent_coef, kl_loss_coef=kl_in_loss)
+
     def update(self, rollout: Rollout, groups: torch.Tensor) -> Optional[dict]:
         """One clipped PPO step on the samples of ``groups``; None if the minibatch was skipped."""
-        index = rollout.rows(groups)                                                # (b,)
-        T = int(rollout.response_mask[index].sum(1).max())  # this minibatch's longest response: no pure-padding columns
-        mask = rollout.response_mask[index, :T]                                     # (b, T)
-        old_logprobs, old_values = rollout.logprobs[index, :T], rollout.values[index, :T]
-        logits, values = self.forward_policy(rollout, groups, T)                    # (b, T, V), (b, T)
-        logprobs = pm.logprobs_from_logits(logits, rollout.responses[index, :T])    # (b, T)
-        pg_loss, pg_clipfrac, approx_kl = pm.policy_loss(logprobs, old_logprobs, rollout.advantages[index, :T], mask,
-                                                         self.ppo.clip_range)
-        v_loss, v_clipfrac = pm.value_loss(values, old_values, rollout.returns[index, :T], mask,
-                                           self.ppo.clip_range_value)
+        rows = rollout.rows(groups)                                                  # (b,)
+        T = rollout.length(rows)
+        logits, values = self.forward_policy(rollout, groups, T)                     # (b, T, V), (b, T)
+        logprobs = pm.logprobs_from_logits(logits, rollout.responses[rows, :T])      # (b, T)
         if self.ppo.ent_coef:
-            entropy = pm.entropy_from_logits(logits, mask)
-            loss = pg_loss + self.ppo.vf_coef * v_loss - self.ppo.ent_coef * entropy
+            entropy = pm.token_entropy(logits)                                       # (b, T)
         else:  # logged only: no gradient through a softmax over the vocabulary that the loss weighs by 0
             with torch.no_grad():
-                entropy = pm.entropy_from_logits(logits, mask)
-            loss = pg_loss + self.ppo.vf_coef * v_loss
-        mean_ratio = pm.masked_mean(torch.exp(logprobs - old_logprobs), mask)
-        bad = (~torch.isfinite(loss)) | (mean_ratio > self.ppo.ratio_threshold)
+                entropy = pm.token_entropy(logits)
+        loss, stats = pm.ppo_loss(logprobs, values, rollout.logprobs[rows, :T], rollout.values[rows, :T],
+                                  rollout.advantages[rows, :T], rollout.returns[rows, :T],
+                                  rollout.response_mask[rows, :T], self.loss_spec(),
+                                  ref_logprobs=rollout.ref_logprobs[rows, :T], entropy=entropy)
+        bad = ~torch.isfinite(loss) | (stats["ratio_mean"] > self.ppo.ratio_threshold)
         if self._any_rank(bad):  # every rank skips together, or DDP would wait forever
             self.skipped_minibatches += 1
             return None
@@ -359,36 +442,35 @@ class PPOModule(StageModule):
         self.manual_backward(loss)
         self.clip_gradients(optimizer, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
-        return {"policy_loss": pg_loss.detach(), "value_loss": v_loss.detach(), "entropy": entropy.detach(),
-                "clipfrac": pg_clipfrac, "value_clipfrac": v_clipfrac, "approx_kl": approx_kl}
+        return stats
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         started = time.perf_counter()
         self.model.eval()  # no dropout and no train-only behaviour, in rollout and update alike
-        rollout = self.rollout(batch)
-        scored = self.score(rollout)
-        greedy = self.score_greedy(rollout)
-        scores = normalize_scores(scored.rewards, self.ppo.samples_per_prompt, self.reward_spec.normalize,
-                                  baseline=greedy.rewards if greedy is not None else None)
-        self.evaluate(rollout)
-        rewards = self.advantages(rollout, scores)
+        rollout = self.rollout(batch)                          # (B, T) sampled ids, B = G molecules × K
+        scored = self.score(rollout)                           # (B,) graded rewards
+        greedy = self.score_greedy(rollout)                    # (G,) or None
+        scores = self.normalized_scores(scored, greedy)        # (B,)
+        plan = self.minibatch_plan(rollout.prefix_ids.size(0))
+        self.evaluate(rollout, plan[0])                        # old log-probs, values, reference log-probs
+        rewards = self.advantages(rollout, scores)             # (B, T)
         stats = []
-        G = rollout.prefix_ids.size(0)
-        minibatch = max(G // self.ppo.num_minibatches, 1)  # groups per minibatch: a group's K samples stay together
-        for _ in range(self.ppo.ppo_epochs):
-            order = torch.randperm(G, device=self.device)
-            for start in range(0, G, minibatch):
-                result = self.update(rollout, order[start:start + minibatch])
-                if result is not None:
-                    stats.append(result)
+        for groups in chain(*plan):                            # ppo_epochs x num_minibatches, molecule indices
+            result = self.update(rollout, groups)              # None: skipped (non-finite loss, runaway ratio)
+            if result is not None:
+                stats.append(result)
         self.iteration += 1
         self._after_iteration(rollout, scored, greedy, rewards, stats, time.perf_counter() - started)
 
     # ------------------------------------------------------------------ bookkeeping
-    def _any_rank(self, flag: torch.Tensor) -> bool:
+    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of ``x`` over all ranks (itself with one process): ppo_math's ``reduce_sum``."""
         if self.trainer.world_size > 1:
-            flag = self.trainer.strategy.reduce(flag.float(), reduce_op="sum")
-        return bool(flag.item() > 0)
+            return self.trainer.strategy.reduce(x, reduce_op="sum")
+        return x
+
+    def _any_rank(self, flag: torch.Tensor) -> bool:
+        return bool(self.all_reduce_sum(flag.float()).item() > 0)
 
     def _gather_successes(self, successes: list[bool]) -> list[bool]:
         local = torch.tensor(successes, dtype=torch.float32, device=self.device)
@@ -400,10 +482,10 @@ class PPOModule(StageModule):
                          rewards: torch.Tensor, stats: list[dict], seconds: float) -> None:
         mask = rollout.response_mask.float()
         B = mask.size(0)
-        kl_per_sequence = (pm.kl_estimate(rollout.logprobs, rollout.ref_logprobs, self.kl_spec.kind) * mask).sum(1).mean()
-        if self.trainer.world_size > 1:
-            kl_per_sequence = self.trainer.strategy.reduce(kl_per_sequence, reduce_op="mean")
-        beta = self.kl_ctl.value
+        # The KL's value per answer, estimated with k3 (unbiased, never negative), over all ranks.
+        kl_tokens = pm.kl_estimate(rollout.logprobs, rollout.ref_logprobs, "k3") * mask
+        kl_per_sequence = pm.masked_mean(kl_tokens.sum(1), torch.ones(B, device=self.device), self.all_reduce_sum)
+        beta, tolerance_c = self.kl_ctl.value, self.curriculum.tolerance_c  # what this iteration was graded with
         self.kl_ctl.update(float(kl_per_sequence), B * self.trainer.world_size)
         level_before = self.curriculum.level
         self.curriculum.update(self._gather_successes(scored.successes), self.iteration)
@@ -416,22 +498,38 @@ class PPOModule(StageModule):
             "ppo/parse_rate": scored.parse_rate, "ppo/success_rate": float(np.mean(scored.successes)),
             "ppo/kl_per_sequence": kl_per_sequence, "ppo/kl_coef": beta,
             "ppo/reward_total": (rewards * mask).sum(1).mean(),
-            "ppo/explained_variance": pm.explained_variance(rollout.values, rollout.returns, mask),
-            "ppo/response_length": mask.sum(1).mean(), "ppo/harshness_level": float(self.curriculum.level),
-            "ppo/tolerance_c": self.curriculum.tolerance_c,
+            "ppo/explained_variance": pm.explained_variance(rollout.values, rollout.returns, mask, self.all_reduce_sum),
+            "ppo/response_length": mask.sum(1).mean(), "ppo/harshness_level": float(level_before),
+            "ppo/tolerance_c": tolerance_c,
             "ppo/window_success_rate": self.curriculum.success_rate,
             "ppo/skipped_minibatches": float(self.skipped_minibatches),
-            "ppo/samples_per_second": B / max(seconds, 1e-9),
+            "ppo/samples_per_second": B * self.trainer.world_size / max(seconds, 1e-9),
         }
         if greedy is not None:  # what greedy decoding answers for this batch's molecules
             log["ppo/greedy_mae"] = greedy.mae
-        for key in ("policy_loss", "value_loss", "entropy", "clipfrac", "value_clipfrac", "approx_kl"):
-            if stats:
-                log[f"ppo/{key}"] = torch.stack([s[key] for s in stats]).mean()
+        for key in (stats[0] if stats else {}):
+            log[f"ppo/{key}"] = torch.stack([s[key] for s in stats]).mean()
         for key, value in log.items():
+            # sync_dist: the mean over ranks (samples_per_second is already the total)
             self.log(key, torch.as_tensor(value, dtype=torch.float32, device=self.device), sync_dist=True,
                      prog_bar=key in ("ppo/score_mean", "ppo/sample_mae", "ppo/tolerance_c"), batch_size=B)
+        self._log_per_level(scored, tolerance_c)
         self._log_samples(rollout, scored)
+
+    def _log_per_level(self, scored: ScoredAnswers, tolerance_c: float) -> None:
+        """The reward and success rate (over all ranks) under the name of the level they were graded at:
+        one line per level in TensorBoard's custom-scalars layout (a score at 100 °C is not one at 25 °C).
+        Written to TensorBoard directly: Lightning's self.log repeats a key's last value at every later
+        step, which would draw a finished level as a flat line."""
+        everything = torch.ones(scored.rewards.numel(), device=self.device)
+        score = pm.masked_mean(scored.rewards.to(self.device), everything, self.all_reduce_sum)
+        success = pm.masked_mean(torch.tensor(scored.successes, dtype=torch.float32, device=self.device), everything,
+                                 self.all_reduce_sum)
+        experiment = getattr(self.logger, "experiment", None)
+        if self.trainer.is_global_zero and hasattr(experiment, "add_scalar"):
+            step = self.iteration - 1   # the step Lightning gives this iteration's self.log values
+            experiment.add_scalar(f"curriculum/score_mean_{tolerance_c:g}C", float(score), step)
+            experiment.add_scalar(f"curriculum/success_rate_{tolerance_c:g}C", float(success), step)
 
     def _log_samples(self, rollout: Rollout, scored: ScoredAnswers) -> None:
         experiment = getattr(self.logger, "experiment", None)
@@ -440,11 +538,6 @@ class PPOModule(StageModule):
         lines = [f"**{s}** (measured {t:g} °C, reward {r:+.2f})\n\n{text}" for s, t, r, text in
                  zip(rollout.smiles, rollout.targets, scored.rewards.tolist(), rollout.texts)][: self.log_examples]
         experiment.add_text("ppo/samples", "\n\n---\n\n".join(lines), self.global_step)
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        loader = self.trainer.train_dataloader
-        if hasattr(loader, "mark_trained"):  # the prompt loader resumes exactly where training stopped
-            loader.mark_trained(batch_idx + 1)
 
     # ------------------------------------------------------------------ optimiser, checkpoints
     def configure_optimizers(self):
@@ -464,12 +557,14 @@ class PPOModule(StageModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
+        rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+               "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
+               "numpy": np.random.get_state()[1].tolist(), "numpy_pos": int(np.random.get_state()[2])}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint["chemlit_ppo"] = {
             "kl_controller": self.kl_ctl.state_dict(), "curriculum": self.curriculum.state_dict(),
-            "skipped_minibatches": self.skipped_minibatches, "iteration": self.iteration,
-            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-                    "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
-                    "numpy": np.random.get_state()[1].tolist(), "numpy_pos": int(np.random.get_state()[2])},
+            "skipped_minibatches": self.skipped_minibatches, "iteration": self.iteration, "rng": rng,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -489,50 +584,18 @@ class PPOModule(StageModule):
             torch.set_rng_state(torch.as_tensor(rng["torch"], dtype=torch.uint8))
             random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
             np.random.set_state(("MT19937", np.array(rng["numpy"], dtype=np.uint32), rng["numpy_pos"], 0, 0.0))
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all([torch.as_tensor(s, dtype=torch.uint8) for s in rng["cuda"]])
             self._rng_to_restore = None
 
-    # ------------------------------------------------------------------ validation / test: greedy, like SFT
+    # ------------------------------------------------------------------ validation / test (AnsweringStage): greedy
     @torch.no_grad()
-    def greedy_numbers(self, batch: dict) -> torch.Tensor:
-        """Greedy answers' numbers (NaN where none parses): what validation and test score."""
+    def answer_batch(self, batch: dict) -> tuple[list[str], torch.Tensor]:
+        """Greedy answers and their numbers (NaN where none parses): what validation and test score."""
         _, texts = self.write_answers(batch["prompt_ids"], batch["prompt_mask"], self.val_max_new_tokens)
-        return self.as_tensor([parse_prediction(t) for t in texts])
-
-    def on_validation_epoch_start(self) -> None:
-        self._val_generated = 0
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        if self.val_generate_limit is not None and self._val_generated >= self.val_generate_limit:
-            return
-        values = self.greedy_numbers(batch)
-        self._val_generated += values.numel()
-        self.val_metrics.update(values, batch["targets"])
-
-    def on_validation_epoch_end(self) -> None:
-        for name, value in self.val_metrics.compute().items():
-            self.log(f"val/{name}", value, prog_bar=name == "mae", sync_dist=True)
-        self.val_metrics.reset()
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        values = self.greedy_numbers(batch)
-        self.test_metrics.update(values, batch["targets"])
-
-    def on_test_epoch_end(self) -> None:
-        for name, value in self.test_metrics.compute().items():
-            self.log(f"test/{name}", value, sync_dist=True)
-        self.test_metrics.reset()
+        return texts, self.as_tensor([parse_prediction(t) for t in texts])
 
     def export_info(self) -> dict:
         info = super().export_info()
         info["curriculum_history"] = self.curriculum.history
         return info
-
-
-def sampling_kwargs(temperature: float) -> dict:
-    """``generate`` arguments for plain sampling from softmax(logits / temperature).
-
-    top_k and top_p are set to None explicitly: a model's generation_config may carry top_k=50 or
-    top_p<1, which would silently truncate the distribution PPO's log-probs assume
-    (tests/test_ppo_stage.py checks that the scores reaching the sampler have no -inf).
-    """
-    return {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None}

@@ -13,19 +13,16 @@ from typing import Literal, Optional
 
 import torch
 
-from chemlit.data.prompts import ANSWER_MARKER, marker_ends, parse_prediction
+from chemlit.data.prompts import ANSWER_MARKER, answer_prefix, parse_prediction
 from chemlit.data.datamodule import IGNORE_INDEX, pad_left
-from chemlit.eval.bootstrap import bootstrap_mae
-from chemlit.eval.metrics import PredictionMetrics, write_csv
-from chemlit.eval.plots import parity_figure
+from chemlit.data.files import write_csv
 from chemlit.models.factory import CPTLora, ModelSpec, SFTLora
-from chemlit.models.shared_prefix import decode_after_prefix
-from chemlit.stages.base import StageModule, next_token_loss
+from chemlit.stages.base import AnsweringStage, next_token_loss
 
 Decoding = Literal["greedy", "sample", "median"]
 
 
-class SFTModule(StageModule):
+class SFTModule(AnsweringStage):
     stage_name = "sft"
 
     def __init__(
@@ -84,11 +81,6 @@ class SFTModule(StageModule):
         if answer_loss_weight <= 0:
             raise ValueError(f"answer_loss_weight must be > 0, got {answer_loss_weight}")
         self.answer_loss_weight = answer_loss_weight
-        self.val_metrics = PredictionMetrics()
-        self.test_metrics = PredictionMetrics()
-        self._val_generated = 0
-        self._examples: list[str] = []
-        self._pairs: list[tuple[float, float]] = []   # (predicted, measured) of this validation/test
         self.cpt_perplexity_before: Optional[float] = None
 
     # ------------------------------------------------------------------ training
@@ -116,10 +108,9 @@ class SFTModule(StageModule):
         K = self.answer_samples
         prefixes, rows = [], []
         for b in range(answers.size(0)):
-            generated = answers[b].tolist()
-            ends = marker_ends(generated, marker)
-            if ends:  # the rationale the model wrote, up to its last answer marker
-                prefixes.append(prompt_ids[b][prompt_mask[b].bool()].tolist() + generated[:ends[-1]])
+            written = answer_prefix(answers[b].tolist(), marker)  # the rationale up to its answer marker
+            if written is not None:
+                prefixes.append(prompt_ids[b][prompt_mask[b].bool()].tolist() + written)
                 rows.append(b)
         values = list(fallback)
         if not rows:
@@ -128,8 +119,7 @@ class SFTModule(StageModule):
         ids = pad_left(prefixes, pad, None).to(answers.device)
         mask = pad_left([[1] * len(p) for p in prefixes], 0, None).to(answers.device)
         # The K samples of a molecule share its rationale: computed once, its keys and values read once.
-        sampled = decode_after_prefix(self.model, ids, mask, K, 8, self.tokenizer.eos_token_id, pad,
-                                      temperature=self.temperature)  # (rows * K, <= 8)
+        sampled = self.decode(ids, mask, K, 8, self.temperature)  # (rows * K, <= 8)
         texts = self.tokenizer.batch_decode(sampled, skip_special_tokens=True)
         for j, b in enumerate(rows):
             numbers = [parse_prediction(ANSWER_MARKER + t) for t in texts[j * K:(j + 1) * K]]
@@ -138,14 +128,13 @@ class SFTModule(StageModule):
                 values[b] = float(statistics.median(numbers))
         return values
 
-    def predict_batch(self, batch: dict) -> tuple[list[str], torch.Tensor]:
+    def answer_batch(self, batch: dict) -> tuple[list[str], torch.Tensor]:
         answers, texts = self.generate(batch["prompt_ids"], batch["prompt_mask"])
         values = [parse_prediction(t) for t in texts]
         if self.decoding == "median":
             values = self.median_numbers(batch["prompt_ids"], batch["prompt_mask"], answers, values)
         return texts, self.as_tensor(values)
 
-    # ------------------------------------------------------------------ validation / test
     # ------------------------------------------------------------------ forgetting
     @torch.no_grad()
     def cpt_perplexity(self) -> float:
@@ -163,71 +152,24 @@ class SFTModule(StageModule):
         if self.track_forgetting and self.cpt_perplexity_before is None:
             self.cpt_perplexity_before = self.cpt_perplexity()
 
-    def on_validation_epoch_start(self) -> None:
-        self._val_generated = 0
-        self._examples = []
-        self._pairs = []
-
+    # ------------------------------------------------------------------ validation (test: AnsweringStage's)
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        batch_size = batch["input_ids"].size(0)
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        self.log("val/loss", next_token_loss(logits, batch["labels"]), prog_bar=True, batch_size=batch_size)
-        if self.val_generate_limit is not None and self._val_generated >= self.val_generate_limit:
-            return
-        texts, values = self.predict_batch(batch)
-        self._val_generated += batch_size
-        self.val_metrics.update(values, batch["targets"])
-        self._pairs.extend(zip(values.tolist(), batch["targets"].tolist()))
-        for smiles, text, target in zip(batch["smiles"], texts, batch["targets"].tolist()):
-            if len(self._examples) < self.log_examples:
-                self._examples.append(f"**{smiles}** (measured {target:g} °C)\n\n{text}")
+        self.log("val/loss", next_token_loss(logits, batch["labels"]), prog_bar=True, batch_size=batch["input_ids"].size(0))
+        super().validation_step(batch, batch_idx)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val", self.val_metrics)
+        super().on_validation_epoch_end()
         if self.track_forgetting and self.cpt_perplexity_before is not None and not self.trainer.sanity_checking:
             now = self.cpt_perplexity()
             self.log("val/cpt_perplexity", now)
             self.log("val/forgetting", now / self.cpt_perplexity_before)  # > 1: CPT text got less likely
-        experiment = getattr(self.logger, "experiment", None)
-        if hasattr(experiment, "add_text") and not self.trainer.sanity_checking:
-            if self._examples:
-                experiment.add_text("val/generations", "\n\n---\n\n".join(self._examples), self.global_step)
-            self._log_parity("val/parity", experiment)
-
-    def _log_parity(self, tag: str, experiment) -> None:
-        if self._pairs:
-            predicted, measured = zip(*self._pairs)
-            experiment.add_figure(tag, parity_figure(predicted, measured, tag), self.global_step, close=True)
-
-    def on_test_epoch_start(self) -> None:
-        self._pairs = []
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        _, values = self.predict_batch(batch)
-        self.test_metrics.update(values, batch["targets"])
-        self._pairs.extend(zip(values.tolist(), batch["targets"].tolist()))
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics("test", self.test_metrics)
-        errors = [abs(p - m) for p, m in self._pairs if not math.isnan(p) and not math.isnan(m)]
-        if errors:
-            interval = bootstrap_mae(errors)
-            self.log("test/mae_ci_low", interval.low)
-            self.log("test/mae_ci_high", interval.high)
-        experiment = getattr(self.logger, "experiment", None)
-        if hasattr(experiment, "add_figure"):
-            self._log_parity("test/parity", experiment)
-
-    def _log_metrics(self, prefix: str, metrics: PredictionMetrics) -> None:
-        for name, value in metrics.compute().items():
-            self.log(f"{prefix}/{name}", value, prog_bar=name in ("mae", "parse_rate"))
-        metrics.reset()
 
     def on_predict_epoch_start(self) -> None:
         self._predictions: list[dict] = []
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        texts, values = self.predict_batch(batch)
+        texts, values = self.answer_batch(batch)
         rows = [{"smiles": s, "prediction": "" if math.isnan(v) else round(v, 1), "rationale": t.strip(),
                  "measured": "" if math.isnan(m) else m}
                 for s, v, t, m in zip(batch["smiles"], values.tolist(), texts, batch["targets"].tolist())]
