@@ -32,7 +32,7 @@ def test_median_of_sampled_numbers_after_the_marker(monkeypatch):
         w = max(map(len, tails))
         return torch.tensor([t + [tokenizer.pad_token_id] * (w - len(t)) for t in tails])
 
-    monkeypatch.setattr("chemlit.stages.sft.decode_after_prefix", fake_decode)
+    monkeypatch.setattr("chemlit.stages.base.decode_after_prefix", fake_decode)
     values = module.median_numbers(prompt_ids, prompt_mask, out, fallback=[100.0, None])
     assert values == [120.0, None]  # the row without a marker keeps its greedy value
     # the samples continue the model's own rationale, right after its answer marker: one prefix, 3 samples
