@@ -1,0 +1,18 @@
+"""A callback for tests/test_crash_resume.py, given to the real CLI with --trainer.callbacks+=crash_probe.Probe:
+it appends each training batch's molecules to $CHEMLIT_PROBE_LOG and, when $CHEMLIT_PROBE_KILL_AT is set,
+kills its own process with SIGKILL as batch N starts (after the checkpoint of batch N-1 was written)."""
+
+import json
+import os
+import signal
+
+import lightning as L
+
+
+class Probe(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        kill_at = os.environ.get("CHEMLIT_PROBE_KILL_AT")
+        if kill_at is not None and trainer.global_step >= int(kill_at):
+            os.kill(os.getpid(), signal.SIGKILL)   # no cleanup, no final checkpoint: what a crash looks like
+        with open(os.environ["CHEMLIT_PROBE_LOG"], "a") as handle:
+            handle.write(json.dumps(list(batch["smiles"])) + "\n")

@@ -1,0 +1,70 @@
+"""A PPO run killed with SIGKILL right after a mid-epoch checkpoint, resumed from that checkpoint with the real
+CLI, ends exactly where the uninterrupted run ends: weights, optimizer state, β, curriculum, prompts seen."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fit(run: Path, log: Path, kill_at=None, ckpt_path=None) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "chemlit", "fit", "--config", str(ROOT / "configs" / "debug" / "ppo_one_iteration.yaml"),
+            "--data.table", str(ROOT / "tests" / "data" / "tiny_mp.csv"), "--data.run_dir", str(run / "data"),
+            "--model.init_args.export_dir", str(run / "export"), "--model.init_args.ppo.decoding", "fast",
+            "--model.init_args.kl.controller", "adaptive", "--model.init_args.kl.target", "0.1",
+            "--model.init_args.kl.horizon", "64", "--model.init_args.curriculum.window", "16",
+            "--model.init_args.ppo.num_minibatches", "1",  # one optimizer step per iteration
+            "--trainer.limit_train_batches", "6", "--trainer.enable_checkpointing", "true",
+            "--trainer.default_root_dir", str(run),
+            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            f"--trainer.callbacks.dirpath={run / 'ckpt'}", "--trainer.callbacks.every_n_train_steps=1",
+            "--trainer.callbacks.save_top_k=-1", "--trainer.callbacks.save_last=true",
+            "--trainer.callbacks.filename={step}",
+            "--trainer.callbacks+=crash_probe.Probe"]
+    if ckpt_path:
+        args += ["--ckpt_path", str(ckpt_path)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+               CHEMLIT_PROBE_LOG=str(log))
+    if kill_at is not None:
+        env["CHEMLIT_PROBE_KILL_AT"] = str(kill_at)
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, cwd=str(run.parent))
+
+
+def lines(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_sigkill_after_a_mid_epoch_checkpoint_then_resume_is_bit_identical(tmp_path):
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    for run in (straight, crashed):
+        run.mkdir()
+    done = fit(straight, straight / "seen.jsonl")
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = fit(crashed, crashed / "seen.jsonl", kill_at=3)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (crashed / "export").exists()
+    resumed = fit(crashed, crashed / "seen-after.jsonl", ckpt_path=crashed / "ckpt" / "step=3.ckpt")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    # the prompts: 3 iterations before the crash, the rest after it, exactly the uninterrupted run's
+    assert lines(crashed / "seen.jsonl")[:3] + lines(crashed / "seen-after.jsonl") == lines(straight / "seen.jsonl")
+    a, b = load_file(straight / "export" / "model.safetensors"), load_file(crashed / "export" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    last = [torch.load(run / "ckpt" / "last.ckpt", weights_only=True) for run in (straight, crashed)]
+    assert last[0]["global_step"] == last[1]["global_step"] == 6
+    assert last[0]["chemlit_ppo"]["kl_controller"] == last[1]["chemlit_ppo"]["kl_controller"]
+    assert last[0]["chemlit_ppo"]["curriculum"] == last[1]["chemlit_ppo"]["curriculum"]
+    for name, value in last[0]["state_dict"].items():
+        assert torch.equal(value, last[1]["state_dict"][name]), name
+    for (_, x), (_, y) in zip(last[0]["optimizer_states"][0]["state"].items(), last[1]["optimizer_states"][0]["state"].items()):
+        for key in x:
+            assert torch.equal(torch.as_tensor(x[key]), torch.as_tensor(y[key])), key
