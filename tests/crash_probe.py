@@ -15,4 +15,6 @@ class Probe(L.Callback):
         if kill_at is not None and trainer.global_step >= int(kill_at):
             os.kill(os.getpid(), signal.SIGKILL)   # no cleanup, no final checkpoint: what a crash looks like
         with open(os.environ["CHEMLIT_PROBE_LOG"], "a") as handle:
-            handle.write(json.dumps(list(batch["smiles"])) + "\n")
+            # SFT and PPO batches name their molecules; CPT's packed blocks are told apart by their token sums
+            seen = list(batch["smiles"]) if "smiles" in batch else batch["input_ids"].sum(1).tolist()
+            handle.write(json.dumps(seen) + "\n")

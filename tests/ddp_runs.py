@@ -7,14 +7,12 @@ import sys
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_ppo_stage import DigitPPO, tiny_data, tiny_ppo, trainer  # noqa: E402
 
 from chemlit.models.factory import ModelSpec, TinyConfig  # noqa: E402
-from chemlit.rl import ppo_math as pm  # noqa: E402
 from chemlit.stages.cpt import CPTModule  # noqa: E402
 from chemlit.stages.sft import SFTModule  # noqa: E402
 

@@ -1,5 +1,6 @@
-"""A PPO run killed with SIGKILL right after a mid-epoch checkpoint, resumed from that checkpoint with the real
-CLI, ends exactly where the uninterrupted run ends: weights, optimizer state, β, curriculum, prompts seen."""
+"""A run killed with SIGKILL right after a mid-epoch checkpoint, resumed from that checkpoint with the real CLI,
+ends exactly where the uninterrupted run ends: weights, optimizer state, batches seen, and for PPO β and the
+curriculum. PPO, SFT and CPT, tiny models, 6 optimizer steps, killed as the 4th starts."""
 
 import json
 import os
@@ -8,19 +9,32 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model.init_args.model.tiny.hidden_size", "32", "--model.init_args.model.tiny.num_layers", "1",
+        "--model.init_args.model.tiny.num_heads", "2", "--model.init_args.model.tiny.intermediate_size", "64",
+        "--model.init_args.model.tiny.vocab_size", "400", "--trainer.logger", "false", "--trainer.max_epochs", "1",
+        "--trainer.limit_val_batches", "0", "--trainer.precision", "32-true", "--trainer.callbacks=[]"]
+STAGES = {
+    "ppo": ["--config", str(ROOT / "configs" / "debug" / "ppo_one_iteration.yaml"),
+            "--model.init_args.ppo.decoding", "fast", "--model.init_args.kl.controller", "adaptive",
+            "--model.init_args.kl.target", "0.1", "--model.init_args.kl.horizon", "64",
+            "--model.init_args.curriculum.window", "16",
+            "--model.init_args.ppo.num_minibatches", "1"],  # one optimizer step per iteration
+    "sft": ["--config", str(ROOT / "configs" / "quickstart" / "sft.yaml"), *TINY, "--data.batch_size", "8",
+            "--model.init_args.max_new_tokens", "8"],
+    "cpt": ["--config", str(ROOT / "configs" / "quickstart" / "cpt.yaml"), *TINY, "--data.batch_size", "4",
+            "--data.max_length", "64"],
+}
 
 
-def fit(run: Path, log: Path, kill_at=None, ckpt_path=None) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "chemlit", "fit", "--config", str(ROOT / "configs" / "debug" / "ppo_one_iteration.yaml"),
+def fit(stage: str, run: Path, log: Path, kill_at=None, ckpt_path=None) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "chemlit", "fit", *STAGES[stage],
             "--data.table", str(ROOT / "tests" / "data" / "tiny_mp.csv"), "--data.run_dir", str(run / "data"),
-            "--model.init_args.export_dir", str(run / "export"), "--model.init_args.ppo.decoding", "fast",
-            "--model.init_args.kl.controller", "adaptive", "--model.init_args.kl.target", "0.1",
-            "--model.init_args.kl.horizon", "64", "--model.init_args.curriculum.window", "16",
-            "--model.init_args.ppo.num_minibatches", "1",  # one optimizer step per iteration
+            "--model.init_args.export_dir", str(run / "export"),
             "--trainer.limit_train_batches", "6", "--trainer.enable_checkpointing", "true",
             "--trainer.default_root_dir", str(run),
             "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
@@ -41,19 +55,20 @@ def lines(path: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_sigkill_after_a_mid_epoch_checkpoint_then_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("stage", ["ppo", "sft", "cpt"])
+def test_sigkill_after_a_mid_epoch_checkpoint_then_resume_is_bit_identical(tmp_path, stage):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     for run in (straight, crashed):
         run.mkdir()
-    done = fit(straight, straight / "seen.jsonl")
+    done = fit(stage, straight, straight / "seen.jsonl")
     assert done.returncode == 0, done.stderr[-3000:]
-    killed = fit(crashed, crashed / "seen.jsonl", kill_at=3)
+    killed = fit(stage, crashed, crashed / "seen.jsonl", kill_at=3)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (crashed / "export").exists()
-    resumed = fit(crashed, crashed / "seen-after.jsonl", ckpt_path=crashed / "ckpt" / "step=3.ckpt")
+    resumed = fit(stage, crashed, crashed / "seen-after.jsonl", ckpt_path=crashed / "ckpt" / "step=3.ckpt")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
-    # the prompts: 3 iterations before the crash, the rest after it, exactly the uninterrupted run's
+    # the batches: 3 before the crash, the rest after it, exactly the uninterrupted run's
     assert lines(crashed / "seen.jsonl")[:3] + lines(crashed / "seen-after.jsonl") == lines(straight / "seen.jsonl")
     a, b = load_file(straight / "export" / "model.safetensors"), load_file(crashed / "export" / "model.safetensors")
     assert a.keys() == b.keys()
@@ -61,8 +76,9 @@ def test_sigkill_after_a_mid_epoch_checkpoint_then_resume_is_bit_identical(tmp_p
         assert torch.equal(a[name], b[name]), name
     last = [torch.load(run / "ckpt" / "last.ckpt", weights_only=True) for run in (straight, crashed)]
     assert last[0]["global_step"] == last[1]["global_step"] == 6
-    assert last[0]["chemlit_ppo"]["kl_controller"] == last[1]["chemlit_ppo"]["kl_controller"]
-    assert last[0]["chemlit_ppo"]["curriculum"] == last[1]["chemlit_ppo"]["curriculum"]
+    if stage == "ppo":
+        assert last[0]["chemlit_ppo"]["kl_controller"] == last[1]["chemlit_ppo"]["kl_controller"]
+        assert last[0]["chemlit_ppo"]["curriculum"] == last[1]["chemlit_ppo"]["curriculum"]
     for name, value in last[0]["state_dict"].items():
         assert torch.equal(value, last[1]["state_dict"][name]), name
     for (_, x), (_, y) in zip(last[0]["optimizer_states"][0]["state"].items(), last[1]["optimizer_states"][0]["state"].items()):

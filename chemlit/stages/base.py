@@ -55,6 +55,23 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, weights: Optiona
     return (token_loss * w).sum() / w.sum().clamp(min=1e-8)
 
 
+def load_pending_loader_state(trainer: L.Trainer) -> None:
+    """Give a resumed run's training loader the position its checkpoint saved, if Lightning has not.
+
+    Lightning 2.6 builds the training loader before it reads the checkpoint when configure_optimizers
+    asks for ``trainer.estimated_stepping_batches`` (the SFT and CPT schedules do), and then never hands
+    the loader its saved state (Lightning issue #20550): such a run restarted its epoch from the first
+    batch (tests/test_crash_resume.py). This loads the pending state and restarts the loader's iterator,
+    as Lightning's own resume path would have; without a pending state it does nothing.
+    """
+    loop = trainer.fit_loop
+    pending = getattr(loop, "_combined_loader_states_to_load", None)
+    if pending and loop._combined_loader is not None:
+        loop._combined_loader._load_state_dicts(pending)
+        loop._combined_loader_states_to_load = []
+        iter(loop._data_fetcher)
+
+
 class StageModule(L.LightningModule):
     """Base of the CPT, SFT and PPO stages. Subclasses add their steps."""
 
@@ -84,6 +101,9 @@ class StageModule(L.LightningModule):
             log.info("%s model: %.2fM parameters, %.2fM trainable", self.stage_name,
                      sum(p.numel() for p in self.model.parameters()) / 1e6, trainable / 1e6)
         datamodule.tokenizer = self.tokenizer
+
+    def on_train_start(self) -> None:
+        load_pending_loader_state(self.trainer)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A from-scratch tokenizer is trained on the split; keep it with the weights it belongs to.

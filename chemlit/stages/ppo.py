@@ -579,6 +579,7 @@ class PPOModule(AnsweringStage):
         self._rng_to_restore = state["rng"]
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         rng = getattr(self, "_rng_to_restore", None)
         if rng is not None:  # restored here, after Lightning's own seeding, so the resumed run continues exactly
             torch.set_rng_state(torch.as_tensor(rng["torch"], dtype=torch.uint8))

@@ -149,6 +149,7 @@ class SFTModule(AnsweringStage):
         return math.exp(min(total / max(count, 1), 50.0))
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         if self.track_forgetting and self.cpt_perplexity_before is None:
             self.cpt_perplexity_before = self.cpt_perplexity()
 
