@@ -31,17 +31,20 @@ STAGES = {
 }
 
 
-def fit(stage: str, run: Path, log: Path, kill_at=None, ckpt_path=None) -> subprocess.CompletedProcess:
+EVERY_STEP = ["--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_top_k=-1",
+              "--trainer.callbacks.filename={step}"]
+
+
+def fit(stage: str, run: Path, log: Path, kill_at=None, ckpt_path=None, extra=(), checkpoints=EVERY_STEP
+        ) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "chemlit", "fit", *STAGES[stage],
             "--data.table", str(ROOT / "tests" / "data" / "tiny_mp.csv"), "--data.run_dir", str(run / "data"),
             "--model.init_args.export_dir", str(run / "export"),
             "--trainer.limit_train_batches", "6", "--trainer.enable_checkpointing", "true",
             "--trainer.default_root_dir", str(run),
             "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-            f"--trainer.callbacks.dirpath={run / 'ckpt'}", "--trainer.callbacks.every_n_train_steps=1",
-            "--trainer.callbacks.save_top_k=-1", "--trainer.callbacks.save_last=true",
-            "--trainer.callbacks.filename={step}",
-            "--trainer.callbacks+=crash_probe.Probe"]
+            f"--trainer.callbacks.dirpath={run / 'ckpt'}", "--trainer.callbacks.save_last=true", *checkpoints,
+            "--trainer.callbacks+=crash_probe.Probe", *extra]
     if ckpt_path:
         args += ["--ckpt_path", str(ckpt_path)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
@@ -68,13 +71,17 @@ def test_sigkill_after_a_mid_epoch_checkpoint_then_resume_is_bit_identical(tmp_p
     resumed = fit(stage, crashed, crashed / "seen-after.jsonl", ckpt_path=crashed / "ckpt" / "step=3.ckpt")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
-    # the batches: 3 before the crash, the rest after it, exactly the uninterrupted run's
-    assert lines(crashed / "seen.jsonl")[:3] + lines(crashed / "seen-after.jsonl") == lines(straight / "seen.jsonl")
-    a, b = load_file(straight / "export" / "model.safetensors"), load_file(crashed / "export" / "model.safetensors")
+    assert_same_run(stage, straight, crashed, lines(crashed / "seen.jsonl")[:3] + lines(crashed / "seen-after.jsonl"))
+
+
+def assert_same_run(stage: str, straight: Path, other: Path, other_seen: list) -> None:
+    """Same batches, exported weights, final optimizer state (and PPO's β and curriculum) as ``straight``."""
+    assert other_seen == lines(straight / "seen.jsonl")
+    a, b = load_file(straight / "export" / "model.safetensors"), load_file(other / "export" / "model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    last = [torch.load(run / "ckpt" / "last.ckpt", weights_only=True) for run in (straight, crashed)]
+    last = [torch.load(run / "ckpt" / "last.ckpt", weights_only=True) for run in (straight, other)]
     assert last[0]["global_step"] == last[1]["global_step"] == 6
     if stage == "ppo":
         assert last[0]["chemlit_ppo"]["kl_controller"] == last[1]["chemlit_ppo"]["kl_controller"]
@@ -84,3 +91,24 @@ def test_sigkill_after_a_mid_epoch_checkpoint_then_resume_is_bit_identical(tmp_p
     for (_, x), (_, y) in zip(last[0]["optimizer_states"][0]["state"].items(), last[1]["optimizer_states"][0]["state"].items()):
         for key in x:
             assert torch.equal(torch.as_tensor(x[key]), torch.as_tensor(y[key])), key
+
+
+@pytest.mark.parametrize("stage", ["ppo", "sft"])
+def test_a_run_stopped_by_max_steps_goes_on_when_resumed_with_the_limit_raised(tmp_path, stage):
+    """3 steps with --trainer.max_steps 3 and the default checkpointing (last.ckpt when the run ends),
+    then the same command without the limit and --ckpt_path last.ckpt: 3 more steps on the next batches."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    for run in (straight, stopped):
+        run.mkdir()
+    assert fit(stage, straight, straight / "seen.jsonl", checkpoints=()).returncode == 0
+    first = fit(stage, stopped, stopped / "seen.jsonl", checkpoints=(), extra=("--trainer.max_steps", "3"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert torch.load(stopped / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
+    again = fit(stage, stopped, stopped / "seen-after.jsonl", checkpoints=(), ckpt_path=stopped / "ckpt" / "last.ckpt")
+    assert again.returncode == 0, again.stderr[-3000:]
+    seen = lines(stopped / "seen.jsonl") + lines(stopped / "seen-after.jsonl")
+    if stage == "ppo":   # a constant learning rate: the resumed run is the uninterrupted one
+        assert_same_run(stage, straight, stopped, seen)
+    else:                # SFT's cosine schedule is laid over max_steps, so its weights differ by design;
+        assert seen == lines(straight / "seen.jsonl")  # the batches go on where they stopped
+        assert torch.load(stopped / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 6

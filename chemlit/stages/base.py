@@ -72,6 +72,22 @@ def load_pending_loader_state(trainer: L.Trainer) -> None:
         iter(loop._data_fetcher)
 
 
+def reopen_cut_epoch(checkpoint: dict) -> None:
+    """Let a run that stopped at ``max_steps`` or ``max_time`` go on when resumed with the limit raised.
+
+    Stopping early ends Lightning's epoch loop, so the checkpoint written then counts the epoch as
+    processed although batches of it remain (its last batch never came); resumed, such a run found
+    ``max_epochs`` reached and trained nothing. This marks that epoch as still open, so the resumed run
+    continues it from the loader's saved position. An epoch that really ended is left alone.
+    """
+    fit = checkpoint.get("loops", {}).get("fit_loop")
+    if not fit or fit["epoch_loop.batch_progress"]["is_last_batch"]:
+        return
+    for progress in (fit["epoch_progress"]["current"], fit["epoch_progress"]["total"]):
+        if progress["processed"] > progress["completed"]:
+            progress["processed"] = progress["completed"]
+
+
 class StageModule(L.LightningModule):
     """Base of the CPT, SFT and PPO stages. Subclasses add their steps."""
 
@@ -110,6 +126,7 @@ class StageModule(L.LightningModule):
         checkpoint["chemlit_tokenizer"] = self.tokenizer.backend_tokenizer.to_str()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        reopen_cut_epoch(checkpoint)
         if "chemlit_tokenizer" in checkpoint and self.model_spec.source == "tiny":
             self.tokenizer = wrap_tokenizer(Tokenizer.from_str(checkpoint["chemlit_tokenizer"]))
             if self.trainer is not None and self.trainer.datamodule is not None:
