@@ -48,11 +48,35 @@ def quiet_known_noise() -> None:
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
 
 
+def model_arguments(argv: list[str]) -> list[str]:
+    """The ``--model...`` arguments (with their values) typed after the subcommand."""
+    picked, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--model"):
+            takes_value = "=" not in token and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            picked += argv[i:i + 2] if takes_value else [token]
+            i += 2 if takes_value else 1
+        else:
+            i += 1
+    return picked
+
+
 class ChemlitCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
+        self._argv = list(kwargs.get("args") or (args[0] if args else None) or sys.argv[1:])
         super().__init__(StageModule, RationaleDataModule, *args, subclass_mode_model=True, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        """--ckpt_path fills the model's arguments from the checkpoint's hyperparameters (so the network is
+        built as it was trained); then the ``--model...`` arguments typed on the command line are applied
+        again on top, so what the user typed wins (LightningCLI alone applies the checkpoint's last)."""
+        super()._parse_ckpt_path()
+        typed = model_arguments(self._argv)
+        if typed and self.config.get("subcommand") and self.config[self.config.subcommand].get("ckpt_path"):
+            self.config = self.parser.parse_args([self.config.subcommand, *typed], namespace=self.config)
 
 
 def main(args: list[str] | None = None) -> None:

@@ -141,3 +141,26 @@ def test_missing_checkpoint_is_one_line_too(tmp_path, tiny_table):
          "--ckpt_path", str(tmp_path / "nope.ckpt")], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
     assert "chemlit: error: Checkpoint file not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_command_line_arguments_win_over_the_checkpoints_hyperparameters(tmp_path, tiny_table, monkeypatch):
+    """With --ckpt_path, the model's arguments come from the checkpoint unless typed on the command line:
+    what the user typed wins (test, predict, and a resumed fit's export_dir)."""
+    import yaml
+
+    monkeypatch.setattr(sys, "argv", ["chemlit"])
+    main(["fit", *tiny_args(tmp_path, tiny_table), "--trainer.limit_train_batches", "2", "--trainer.max_epochs", "1",
+          "--trainer.limit_val_batches", "0", "--model.init_args.temperature", "0.7"])
+    runs = tmp_path / "runs" / "quickstart-sft"
+    ckpt, split = runs / "version_0" / "checkpoints" / "last.ckpt", runs / "version_0" / "splits.csv"
+    for command in ("test", "predict"):
+        main([command, *tiny_args(tmp_path, tiny_table), "--ckpt_path", str(ckpt), "--data.split_file", str(split),
+              "--model.init_args.decoding", "median", "--model.init_args.answer_samples=4"])
+    for version in ("version_1", "version_2"):
+        model = yaml.safe_load((runs / version / "config.yaml").read_text())["model"]["init_args"]
+        assert (model["decoding"], model["answer_samples"]) == ("median", 4)   # typed: the command line's
+        assert model["temperature"] == 0.7                                     # not typed: the checkpoint's
+    main(["fit", *tiny_args(tmp_path, tiny_table), "--trainer.limit_train_batches", "2", "--trainer.max_epochs", "2",
+          "--trainer.limit_val_batches", "0", "--ckpt_path", str(ckpt),
+          "--model.init_args.export_dir", str(tmp_path / "new-export")])
+    assert (tmp_path / "new-export" / "model.safetensors").exists()
