@@ -164,3 +164,41 @@ def test_command_line_arguments_win_over_the_checkpoints_hyperparameters(tmp_pat
           "--trainer.limit_val_batches", "0", "--ckpt_path", str(ckpt),
           "--model.init_args.export_dir", str(tmp_path / "new-export")])
     assert (tmp_path / "new-export" / "model.safetensors").exists()
+
+
+def test_sft_skips_and_counts_a_step_whose_loss_or_gradient_is_not_finite(tmp_path, tiny_table):
+    """SFT (automatic optimisation): the 2nd of 3 steps gets a NaN loss; its step is skipped and counted,
+    the weights and the optimizer's moments after it are those of step 1, and step 3 trains again."""
+    import lightning as L
+
+    from chemlit.data.datamodule import RationaleDataModule
+    from chemlit.models.factory import ModelSpec, TinyConfig
+    from chemlit.stages.sft import SFTModule
+
+    class PoisonedSFT(SFTModule):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if batch_idx == 1 else loss
+
+    snapshots = []
+
+    class Snapshot(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            state = trainer.optimizers[0].state
+            moments = [s["exp_avg"].clone() for s in state.values()] if state else []
+            snapshots.append(({k: v.clone() for k, v in pl_module.model.state_dict().items()}, moments))
+
+    L.seed_everything(0)
+    module = PoisonedSFT(model=ModelSpec(source="tiny", tiny=TinyConfig(hidden_size=32, num_layers=1, num_heads=2,
+                                                                       intermediate_size=64, vocab_size=400)),
+                         warmup_steps=1, val_generate_limit=0)
+    data = RationaleDataModule(table=str(tiny_table), stage="sft", batch_size=8, run_dir=str(tmp_path / "data"))
+    L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=3, limit_val_batches=0, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              callbacks=[Snapshot()], default_root_dir=str(tmp_path)).fit(module, data)
+    assert module.skipped_steps == 1
+    (weights1, moments1), (weights2, moments2), (weights3, _) = snapshots
+    assert all(torch.equal(weights1[k], weights2[k]) for k in weights1)          # the NaN step changed nothing
+    assert all(torch.equal(a, b) for a, b in zip(moments1, moments2)) and moments1
+    assert any(not torch.equal(weights2[k], weights3[k]) for k in weights2)      # and training went on
+    assert all(torch.isfinite(v).all() for v in weights3.values())

@@ -271,3 +271,21 @@ def test_minibatches_split_the_molecules_evenly_and_the_reference_is_not_checkpo
     assert len(module.minibatch_plan(2)[0]) == 2  # fewer molecules than minibatches: one molecule each
     assert not any(name.startswith("reference") for name in module.state_dict())  # rebuilt on resume, not stored
     assert module.reference.training is False and not any(p.requires_grad for p in module.reference.parameters())
+
+
+def test_a_nan_gradient_with_a_finite_loss_is_skipped_and_counted(tiny_table, tmp_path):
+    """A gradient that is NaN while the loss is finite (a hook poisons the value head's gradient) never
+    reaches the weights: every minibatch is skipped and counted, the weights stay as they were."""
+    L.seed_everything(0)
+    module = tiny_ppo(ppo=dict(num_minibatches=2))
+    before = {}
+
+    class PoisonGradients(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            before.update({k: v.clone() for k, v in pl_module.state_dict().items()})
+            pl_module.value_head.summary.bias.register_hook(lambda grad: grad * float("nan"))
+
+    trainer(tmp_path, limit_train_batches=2, callbacks=[PoisonGradients()]).fit(module, tiny_data(tiny_table, tmp_path))
+    assert module.skipped_minibatches == 4
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, before[name]), name

@@ -88,6 +88,12 @@ def reopen_cut_epoch(checkpoint: dict) -> None:
             progress["processed"] = progress["completed"]
 
 
+def gradients_are_finite(module: torch.nn.Module) -> bool:
+    """No NaN or inf in any gradient of ``module`` (under DDP the gradients are already averaged, so every
+    rank gives the same answer)."""
+    return all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+
+
 class StageModule(L.LightningModule):
     """Base of the CPT, SFT and PPO stages. Subclasses add their steps."""
 
@@ -105,6 +111,7 @@ class StageModule(L.LightningModule):
         self.export_dir = export_dir
         self.model = None
         self.tokenizer = None
+        self.skipped_steps = 0  # optimizer steps not taken because a loss or gradient was not finite
 
     # ------------------------------------------------------------------ model and tokenizer
     def setup(self, stage: str) -> None:
@@ -160,6 +167,18 @@ class StageModule(L.LightningModule):
         return torch.tensor([math.nan if v is None else v for v in numbers], device=self.device)
 
     # ------------------------------------------------------------------ optimisation
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Forward and backward (Lightning's closure), then the step only if every gradient is finite: a
+        NaN or inf in a loss or a gradient never reaches the weights or the optimizer's moments. A skipped
+        step is counted (``train/skipped_steps``). (PPO steps by hand and checks the same in ``update``.)"""
+        loss = optimizer_closure()
+        if not gradients_are_finite(self):
+            self.skipped_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer.step(closure=lambda: loss)  # the precision plugin still clips and calls its hooks
+        self.log("train/skipped_steps", float(self.skipped_steps))
+
     def configure_optimizers(self):
         decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.ndim < 2]

@@ -45,7 +45,7 @@ from chemlit.rl import ppo_math as pm
 from chemlit.rl.curriculum import Curriculum, CurriculumSpec
 from chemlit.rl.kl import KLController, KLSpec
 from chemlit.rl.rewards import RewardSpec, ScoredAnswers, normalize_scores, score_answers
-from chemlit.stages.base import AnsweringStage, allow_in_checkpoints
+from chemlit.stages.base import AnsweringStage, allow_in_checkpoints, gradients_are_finite
 
 log = logging.getLogger(__name__)
 
@@ -440,6 +440,10 @@ class PPOModule(AnsweringStage):
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
+        if not gradients_are_finite(self):  # a finite loss can still give a NaN gradient: skip that step too
+            optimizer.zero_grad(set_to_none=True)
+            self.skipped_minibatches += 1
+            return None
         self.clip_gradients(optimizer, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
         return stats
