@@ -83,10 +83,13 @@ def main(args: list[str] | None = None) -> None:
     """fit / validate / test / predict (``python -m chemlit pipeline`` is chemlit.__main__'s)."""
     quiet_known_noise()
     try:
-        ChemlitCLI(args=args)
+        cli = ChemlitCLI(args=args)
     except (DataError, FileNotFoundError) as err:  # bad input or a wrong path: the user's to fix
         print(f"chemlit: error: {err}", file=sys.stderr)
         sys.exit(2)
+    stop_signal = getattr(cli.model, "stop_signal", None)
+    if stop_signal is not None:  # stopped by Ctrl-C / SIGTERM: a checkpoint, no export, the shell's exit code
+        sys.exit(128 + int(stop_signal))
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ EVERY_STEP = ["--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.
               "--trainer.callbacks.filename={step}"]
 
 
-def fit(stage: str, run: Path, log: Path, kill_at=None, ckpt_path=None, extra=(), checkpoints=EVERY_STEP
-        ) -> subprocess.CompletedProcess:
+def fit(stage: str, run: Path, log: Path, kill_at=None, ckpt_path=None, extra=(), checkpoints=EVERY_STEP,
+        signal_at=None) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "chemlit", "fit", *STAGES[stage],
             "--data.table", str(ROOT / "tests" / "data" / "tiny_mp.csv"), "--data.run_dir", str(run / "data"),
             "--model.init_args.export_dir", str(run / "export"),
@@ -51,6 +51,8 @@ def fit(stage: str, run: Path, log: Path, kill_at=None, ckpt_path=None, extra=()
                CHEMLIT_PROBE_LOG=str(log))
     if kill_at is not None:
         env["CHEMLIT_PROBE_KILL_AT"] = str(kill_at)
+    if signal_at is not None:
+        env["CHEMLIT_PROBE_SIGNAL_AT"] = signal_at
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, cwd=str(run.parent))
 
 
@@ -74,13 +76,16 @@ def test_sigkill_after_a_mid_epoch_checkpoint_then_resume_is_bit_identical(tmp_p
     assert_same_run(stage, straight, crashed, lines(crashed / "seen.jsonl")[:3] + lines(crashed / "seen-after.jsonl"))
 
 
-def assert_same_run(stage: str, straight: Path, other: Path, other_seen: list) -> None:
-    """Same batches, exported weights, final optimizer state (and PPO's β and curriculum) as ``straight``."""
+def assert_same_run(stage: str, straight: Path, other: Path, other_seen: list, final_checkpoints: bool = True) -> None:
+    """Same batches and exported weights as ``straight``, and (``final_checkpoints``) the same final
+    last.ckpt: step, optimizer state, PPO's β and curriculum."""
     assert other_seen == lines(straight / "seen.jsonl")
     a, b = load_file(straight / "export" / "model.safetensors"), load_file(other / "export" / "model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    if not final_checkpoints:
+        return
     last = [torch.load(run / "ckpt" / "last.ckpt", weights_only=True) for run in (straight, other)]
     assert last[0]["global_step"] == last[1]["global_step"] == 6
     if stage == "ppo":
@@ -112,3 +117,24 @@ def test_a_run_stopped_by_max_steps_goes_on_when_resumed_with_the_limit_raised(t
     else:                # SFT's cosine schedule is laid over max_steps, so its weights differ by design;
         assert seen == lines(straight / "seen.jsonl")  # the batches go on where they stopped
         assert torch.load(stopped / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+@pytest.mark.parametrize("stage, signum", [("ppo", signal.SIGINT), ("sft", signal.SIGTERM)])
+def test_ctrl_c_or_sigterm_stops_after_the_step_with_a_checkpoint_and_no_export(tmp_path, stage, signum):
+    """The signal arrives as step 4 starts: step 4 finishes, last.ckpt is written, nothing is exported, the
+    exit code is 128 + the signal; resumed from last.ckpt the run ends like the uninterrupted one."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    for run in (straight, stopped):
+        run.mkdir()
+    assert fit(stage, straight, straight / "seen.jsonl", checkpoints=()).returncode == 0
+    first = fit(stage, stopped, stopped / "seen.jsonl", checkpoints=(), signal_at=f"3:{signum.name}")
+    assert first.returncode == 128 + signum, first.stderr[-3000:]
+    assert not (stopped / "export").exists()
+    assert torch.load(stopped / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 4
+    again = fit(stage, stopped, stopped / "seen-after.jsonl", checkpoints=(), ckpt_path=stopped / "ckpt" / "last.ckpt")
+    assert again.returncode == 0, again.stderr[-3000:]
+    # The same batches and bit-identical exported weights (which two Adam steps after the resume would not
+    # give without the exact optimizer state). The resumed run's own last.ckpt is not compared: Lightning's
+    # ModelCheckpoint, restored from the stop's checkpoint, does not write last.ckpt again at the end.
+    assert_same_run(stage, straight, stopped, lines(stopped / "seen.jsonl") + lines(stopped / "seen-after.jsonl"),
+                    final_checkpoints=False)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -112,6 +115,8 @@ class StageModule(L.LightningModule):
         self.model = None
         self.tokenizer = None
         self.skipped_steps = 0  # optimizer steps not taken because a loss or gradient was not finite
+        self.stop_signal: Optional[int] = None  # SIGINT / SIGTERM received during fit
+        self._previous_handlers: dict = {}
 
     # ------------------------------------------------------------------ model and tokenizer
     def setup(self, stage: str) -> None:
@@ -127,6 +132,7 @@ class StageModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         load_pending_loader_state(self.trainer)
+        self.catch_stop_signals()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A from-scratch tokenizer is trained on the split; keep it with the weights it belongs to.
@@ -214,8 +220,46 @@ class StageModule(L.LightningModule):
                 "lora": None if self.lora is None or not self.lora.enabled else vars(self.lora),
                 "global_step": self.global_step}
 
+    # ------------------------------------------------------------------ Ctrl-C and SIGTERM: stop cleanly, resumable
+    def catch_stop_signals(self) -> None:
+        """Ctrl-C or SIGTERM during training stops after the step in progress with a checkpoint and no export
+        (a second Ctrl-C stops at once, as usual). Installed when training starts, after Lightning's own."""
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
+
+    def _request_stop(self, signum, frame) -> None:
+        if self.stop_signal == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+        print(f"\nchemlit: {signal.Signals(signum).name} received: stopping after this step with a checkpoint "
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        stop = self.trainer.strategy.reduce_boolean_decision(self.stop_signal is not None, all=False)
+        if stop and not self.trainer.should_stop:
+            path = self.interrupted_checkpoint_path()
+            self.trainer.save_checkpoint(path)
+            self.trainer.should_stop = True
+            if self.trainer.is_global_zero:
+                print(f"chemlit: saved {path}; resume with: fit ... --ckpt_path {path}", file=sys.stderr, flush=True)
+
+    def interrupted_checkpoint_path(self) -> Path:
+        """Where a stop by signal saves: the checkpoint callback's last.ckpt, else <run>/checkpoints/last.ckpt."""
+        callback = self.trainer.checkpoint_callback
+        directory = getattr(callback, "dirpath", None) or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "checkpoints"
+        return Path(directory) / "last.ckpt"
+
+    def teardown(self, stage: str) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
     @rank_zero_only
     def on_fit_end(self) -> None:
+        if self.stop_signal is not None:  # an export means "stage done" to the pipeline: not after a stop
+            print("chemlit: stopped by a signal: no export", file=sys.stderr)
+            return
         path = export_model(self.model, self.tokenizer, self.export_path(), self.export_info(), self.model_spec)
         log.info("Exported the %s model to %s", self.stage_name, path)
         print(f"chemlit: exported the {self.stage_name} model to {path}")
