@@ -14,11 +14,15 @@ import logging
 import os
 import sys
 import warnings
+from typing import Literal, Optional, Union
 
+import lightning as L
+from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch.cli import LightningCLI
 
 from chemlit.data.datamodule import RationaleDataModule
 from chemlit.data.records import DataError
+from chemlit.hardware import resolve_precision
 from chemlit.stages.base import StageModule
 
 
@@ -41,6 +45,8 @@ def quiet_known_noise() -> None:
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
     # torchdata's StatefulDataLoader calls a torch API that torch 2.13 deprecates; nothing for a user to do.
     warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated.*")
+    # Lightning's model summary cannot size bf16 weights; it says so and counts them as fp32, which they are.
+    warnings.filterwarnings("ignore", message=".*is not supported by the model summary.*")
     # bitsandbytes' CPU backend announces an optional kernels package on import; nothing to act on.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     logging.getLogger("chemlit").setLevel(logging.INFO)
@@ -62,10 +68,20 @@ def model_arguments(argv: list[str]) -> list[str]:
     return picked
 
 
+class ChemlitTrainer(L.Trainer):
+    """Lightning's Trainer with one more precision, ``auto`` (the default): bf16-mixed where this machine runs
+    bf16 fast, 16-mixed on a GPU without bf16, 32-true otherwise (chemlit.hardware says how it decides).
+    Any explicit precision is passed through unchanged."""
+
+    def __init__(self, *args, precision: Optional[Union[Literal["auto"], _PRECISION_INPUT]] = "auto", **kwargs):
+        super().__init__(*args, precision=resolve_precision(precision, kwargs.get("accelerator", "auto")), **kwargs)
+
+
 class ChemlitCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("trainer_class", ChemlitTrainer)
         self._argv = list(kwargs.get("args") or (args[0] if args else None) or sys.argv[1:])
         super().__init__(StageModule, RationaleDataModule, *args, subclass_mode_model=True, **kwargs)
 
