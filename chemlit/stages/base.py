@@ -13,6 +13,7 @@ from typing import Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
 from tokenizers import Tokenizer
@@ -89,6 +90,20 @@ def reopen_cut_epoch(checkpoint: dict) -> None:
     for progress in (fit["epoch_progress"]["current"], fit["epoch_progress"]["total"]):
         if progress["processed"] > progress["completed"]:
             progress["processed"] = progress["completed"]
+
+
+def steps_in_time(timer: Optional[Timer], step: int) -> float:
+    """How many optimizer steps fit in ``trainer.max_time`` at the pace so far (``step`` steps in the time
+    Lightning's Timer has counted, validation included; its clock is saved in checkpoints); inf without a
+    time limit or before any time has passed. Where the time limit is far off this is far above the step
+    count, so such runs stay exactly reproducible."""
+    if timer is None or step <= 0:
+        return math.inf
+    remaining = timer.time_remaining("train")
+    elapsed = timer.time_elapsed("train")
+    if remaining is None or elapsed <= 0:
+        return math.inf
+    return step * (elapsed + remaining) / elapsed
 
 
 def gradients_are_finite(module: torch.nn.Module) -> bool:
@@ -194,12 +209,16 @@ class StageModule(L.LightningModule):
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = min(self.warmup_steps, total // 10 + 1)
 
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+
         def schedule(step: int) -> float:
-            # Linear warm-up, then cosine decay to 10% of the peak rate.
+            # Linear warm-up, then cosine decay to 10% of the peak rate, over the steps or over max_time,
+            # whichever ends first (at the pace so far): a run cut by its time limit ends at a low rate too.
             if step < warmup:
                 return (step + 1) / warmup
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return 0.1 + 0.9 * 0.5 * (1.0 + torch.cos(torch.tensor(progress * torch.pi)).item())
+            end = min(total, steps_in_time(timer, step))
+            progress = min((step - warmup) / max(end - warmup, 1), 1.0)
+            return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(progress * math.pi))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
