@@ -112,6 +112,37 @@ def test_quantized_base_loads_trains_and_merges_into_full_precision(tiny_dir, tm
     assert delta.abs().max() > 0
 
 
+def lora_gradients(model, ids) -> dict:
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()  # None: no gradient reached it
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_a_4bit_base_still_passes_gradients_after_a_validation(tiny_dir):
+    """bitsandbytes' CPU backend repacks a 4-bit weight for an inference kernel the first time the layer runs
+    in eval mode without gradients, and that kernel has no backward. Every stage validates and then trains
+    on: the LoRA gradients after an eval-mode forward must equal those of a model that never validated."""
+    spec = ModelSpec(source="pretrained", path=str(tiny_dir), quantization="4bit")
+    lora = LoraSpec(enabled=True, r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    ids = None
+    grads = []
+    for validate_first in (False, True):
+        torch.manual_seed(0)
+        model, tok = load_model_and_tokenizer(spec, corpus, lora)
+        ids = torch.tensor([tok(TEXTS[1], add_special_tokens=False)["input_ids"]])
+        if validate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+            model.train()
+        grads.append(lora_gradients(model, ids))
+    first_layer_b = [n for n in grads[0] if "layers.0." in n and "lora_B" in n]  # A starts with zero gradient
+    assert first_layer_b and all(grads[0][n].abs().max() > 0 for n in first_layer_b)
+    for name, grad in grads[0].items():
+        assert torch.allclose(grads[1][name], grad, rtol=1e-4, atol=1e-7), name
+
+
 def test_unsupported_combinations_are_refused_with_a_reason():
     with pytest.raises(ValueError, match="cannot be trained directly"):
         check_combination(ModelSpec(source="pretrained", path="x", quantization="8bit"), None)

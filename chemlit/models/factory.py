@@ -129,7 +129,9 @@ def _quantization_config(spec: ModelSpec):
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
     if spec.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    # 4-bit matmuls run in the compute dtype: bf16 on a GPU that has it (what bf16 autocast feeds them), else fp32.
+    compute = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
 
 
 def check_combination(spec: ModelSpec, lora: Optional[LoraSpec]) -> None:
@@ -157,11 +159,27 @@ def _load_pretrained(spec: ModelSpec, quantized: bool = True) -> tuple[PreTraine
     model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, quantization_config=quantization,
                                                  use_safetensors=None if spec.source == "gguf" else True,
                                                  **kwargs)
+    if quantization is not None:
+        keep_4bit_weights_differentiable(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.bos_token_id is None:
         tokenizer.bos_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def keep_4bit_weights_differentiable(model: PreTrainedModel) -> None:
+    """Turn off bitsandbytes' CPU repacking of 4-bit weights.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight for a faster inference kernel the
+    first time its layer runs in eval mode without gradients, and keeps it so; that kernel has no backward.
+    Every stage validates, then trains on: after the first validation no gradient would pass through the
+    base weights, and every LoRA matrix below the last layer would get a wrong (often zero) gradient,
+    silently (tests/test_models.py). GPUs are not affected.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def untie_embeddings(model: PreTrainedModel) -> None:
