@@ -1,7 +1,12 @@
 """The one-command pipeline on a tiny table with tiny models: every stage, the report, and resume."""
 
+import json
+import time
 from pathlib import Path
 
+import pytest
+
+from chemlit import pipeline
 from chemlit.pipeline import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,3 +42,63 @@ def test_pipeline_runs_every_stage_then_resumes_without_redoing_them(tmp_path, t
     again = run_pipeline(ROOT / "configs" / "quickstart", runs, table=str(tiny_table), extra=EXTRA)
     assert again["timings"] == {}  # nothing redone
     assert "done earlier" in capsys.readouterr().out
+
+
+def test_every_stage_gets_its_share_of_what_is_left_and_the_test_keeps_its_own():
+    left, spent = 1800.0, {}
+    for stage in ("cpt", "sft", "ppo"):  # each stage uses its whole limit plus its start-up allowance
+        spent[stage] = pipeline.stage_seconds(stage, left, [s for s in ("cpt", "sft", "ppo") if s not in spent])
+        left -= spent[stage] + pipeline.STAGE_OVERHEAD_S
+    assert left == pytest.approx(1800 * pipeline.BUDGET_SHARES["test"])
+    assert spent["sft"] > spent["ppo"] > spent["cpt"]
+    # a stage that ended early leaves its time to the next ones
+    assert pipeline.stage_seconds("ppo", 1000.0, ["ppo"]) > pipeline.stage_seconds("ppo", 1000.0, ["sft", "ppo"])
+    assert pipeline.as_max_time(3725.9) == "00:01:02:05"
+
+
+def test_a_stage_stops_at_its_share_of_the_budget_and_exports(tmp_path, tiny_table, monkeypatch):
+    """CPT has no step limit here (100,000 epochs): only the pipeline's budget stops it, and it still exports."""
+    monkeypatch.setattr(pipeline, "STAGE_OVERHEAD_S", 0.0)
+    monkeypatch.setattr(pipeline, "MIN_STAGE_S", 0.0)
+    runs = tmp_path / "runs"
+    extra = {"cpt": TINY_MODEL + QUIET + ["--trainer.max_epochs", "100000", "--data.batch_size", "4"]}
+    started = time.perf_counter()
+    result = run_pipeline(ROOT / "configs" / "quickstart", runs, table=str(tiny_table), stages=["cpt"], extra=extra,
+                          minutes=0.1)  # 6 s: CPT may train 6 * 0.13 / (0.13 + 0.18) = 2.5 s
+    assert time.perf_counter() - started < 60
+    info = json.loads((runs / "cpt" / "export" / "chemlit_export.json").read_text())
+    assert info["global_step"] > 0  # it trained, and stopped on time
+    assert result["timings"]["cpt"] < 40
+    config = next((runs / "cpt").glob("version_*/config.yaml")).read_text()
+    assert "max_time: 00:00:00:02" in config
+
+
+def test_the_gpu_configs_run_through_the_pipeline_on_a_cpu(tmp_path, tiny_table):
+    """configs/gpu as the pipeline runs them -- a pretrained model loaded in 4-bit (bitsandbytes' CPU
+    backend), LoRA in every stage, the PPO reference as the adapter-disabled network -- with only the
+    device, the sizes and the step counts changed, and a tiny local model as --base-model."""
+    from chemlit.models.factory import ModelSpec, TinyConfig, export_model, load_model_and_tokenizer
+
+    corpus = lambda: [line.split(",")[0] for line in tiny_table.read_text().splitlines()[1:]]  # noqa: E731
+    model, tokenizer = load_model_and_tokenizer(ModelSpec(source="tiny", tiny=TinyConfig(
+        hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128, vocab_size=400)), corpus)
+    base = export_model(model, tokenizer, tmp_path / "base", {"stage": "test"})
+    on_cpu = QUIET + ["--trainer.accelerator", "cpu", "--data.num_workers", "0"]
+    extra = {
+        "cpt": on_cpu + ["--trainer.max_steps", "2", "--data.batch_size", "4", "--data.max_length", "96"],
+        "sft": on_cpu + ["--trainer.max_steps", "2", "--data.batch_size", "4", "--trainer.val_check_interval", "2",
+                         "--trainer.limit_val_batches", "1", "--model.init_args.max_new_tokens", "8",
+                         "--model.init_args.val_generate_limit", "4", "--data.max_length", "160"],
+        "ppo": on_cpu + ["--trainer.limit_train_batches", "2", "--trainer.val_check_interval", "2",
+                         "--trainer.limit_val_batches", "1", "--data.batch_size", "2",
+                         "--model.init_args.ppo.samples_per_prompt", "2", "--model.init_args.ppo.max_new_tokens", "8",
+                         "--model.init_args.val_generate_limit", "2", "--model.init_args.val_max_new_tokens", "8"],
+        "test": on_cpu + ["--model.init_args.max_new_tokens", "8"],
+    }
+    runs = tmp_path / "runs"
+    result = run_pipeline(ROOT / "configs" / "gpu", runs, table=str(tiny_table), extra=extra, base_model=str(base))
+    for stage in ("cpt", "sft", "ppo"):
+        info = json.loads((runs / stage / "export" / "chemlit_export.json").read_text())
+        assert info["lora"]["enabled"] and info["model_source"] == "pretrained", stage
+    assert json.loads((runs / "cpt" / "export" / "chemlit_export.json").read_text())["base_path"] == str(base)
+    assert "PPO model (greedy)" in result["report"]
