@@ -73,6 +73,18 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def decoding_label(config_file: Path) -> str:
+    """How a predict run answered, from the config it saved: "median of 8" or "greedy"."""
+    import yaml
+
+    try:
+        init = yaml.safe_load(config_file.read_text())["model"]["init_args"]
+    except (OSError, KeyError, TypeError):
+        return "answers"
+    decoding = init.get("decoding", "median")
+    return f"median of {init.get('answer_samples', 8)}" if decoding == "median" else decoding
+
+
 def newest(root: Path, pattern: str) -> Path | None:
     found = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
@@ -127,7 +139,7 @@ def run_pipeline(configs: Path, runs: Path, table: str = "builtin", fresh: bool 
     """Run the stages in order within ``minutes`` (None: each config's own limits); ``base_model`` replaces the
     first stage's pretrained model. Returns where everything is, each part's wall time and CPU use, and the
     report's text."""
-    from chemlit.eval.report import build_report, read_predictions
+    from chemlit.eval.report import build_report, read_intervals, read_predictions
     from chemlit.hardware import cpu_cores
 
     deadline = time.perf_counter() + minutes * 60 if minutes else None
@@ -173,7 +185,7 @@ def run_pipeline(configs: Path, runs: Path, table: str = "builtin", fresh: bool 
             to_run.remove(stage.name)
         previous_export = export
     # ------------------------------------------------------------------ test: SFT and PPO on the same molecules
-    predictions = {}
+    predictions, intervals = {}, {}
     for name in ("ppo", "sft"):
         export = runs / name / "export"
         if not export.is_dir():
@@ -183,8 +195,12 @@ def run_pipeline(configs: Path, runs: Path, table: str = "builtin", fresh: bool 
         if made:
             timings[f"test-{name}"] = time.perf_counter() - started
             cpu_use[f"test-{name}"] = (cpu_seconds() - cpu_started) / timings[f"test-{name}"]
-        predictions[f"{name.upper()} model (greedy)"] = read_predictions(out)
-    report = build_report(predictions, str(split_file), table) if predictions else ""
+        label = f"{name.upper()} model ({decoding_label(out.parent / 'config.yaml')})"
+        predictions[label], intervals[label] = read_predictions(out), read_intervals(out)
+    notes = ["Both models answer the same way (`python -m chemlit predict` with configs' `sft.yaml`): median = "
+             "the median of the sampled numbers after the greedy rationale, its interval their 10th–90th "
+             "percentile; greedy = the most likely tokens."]
+    report = build_report(predictions, str(split_file), table, intervals=intervals, notes=notes) if predictions else ""
     if report:
         tmp = runs / f"report.md.tmp{os.getpid()}"
         tmp.write_text(report, encoding="utf-8")

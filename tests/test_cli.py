@@ -90,7 +90,7 @@ def test_fit_then_validate_test_predict(tmp_path, tiny_table, monkeypatch):
     assert len(predictions) == 1
     with open(predictions[0], newline="") as handle:
         reader = csv.DictReader(handle)
-        assert reader.fieldnames == ["smiles", "prediction", "rationale", "measured"]
+        assert reader.fieldnames == ["smiles", "prediction", "low", "high", "rationale", "measured"]
         assert len(list(reader)) == 16  # the 16 test molecules of the tiny table
     # A table of new molecules, without any measured value: predict answers for all of its rows.
     new = tmp_path / "new.csv"

@@ -1,5 +1,8 @@
 """decoding=median: the number is the median of numbers sampled after the model's own answer marker."""
 
+import math
+
+import pytest
 import torch
 
 from chemlit.data.prompts import ANSWER_MARKER
@@ -33,8 +36,11 @@ def test_median_of_sampled_numbers_after_the_marker(monkeypatch):
         return torch.tensor([t + [tokenizer.pad_token_id] * (w - len(t)) for t in tails])
 
     monkeypatch.setattr("chemlit.stages.base.decode_after_prefix", fake_decode)
-    values = module.median_numbers(prompt_ids, prompt_mask, out, fallback=[100.0, None])
+    values, intervals = module.median_numbers(prompt_ids, prompt_mask, out, fallback=[100.0, None])
     assert values == [120.0, None]  # the row without a marker keeps its greedy value
+    # the 10th-90th percentile of the samples 90, 300, 120 (linear interpolation); none without samples
+    assert intervals[0] == pytest.approx((90 + 0.2 * 30, 120 + 0.8 * 180))
+    assert all(math.isnan(x) for x in intervals[1])
     # the samples continue the model's own rationale, right after its answer marker: one prefix, 3 samples
     prefix = tokenizer.decode(seen["prefix_ids"][0])
     assert prefix.endswith(ANSWER_MARKER) and "small." in prefix

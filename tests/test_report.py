@@ -7,12 +7,13 @@ from chemlit.data.splits import make_split, write_split
 from chemlit.eval.report import main
 
 
-def _predictions(path, pairs):
+def _predictions(path, pairs, intervals=None):
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["smiles", "prediction", "rationale", "measured"])
-        for smiles, value in pairs:
-            writer.writerow([smiles, "" if value is None else value, "r", ""])
+        writer.writerow(["smiles", "prediction", *(["low", "high"] if intervals else []), "rationale", "measured"])
+        for i, (smiles, value) in enumerate(pairs):
+            bounds = list(intervals[i]) if intervals else []
+            writer.writerow([smiles, "" if value is None else value, *bounds, "r", ""])
     return str(path)
 
 
@@ -25,8 +26,11 @@ def test_report_compares_model_with_baselines_on_the_same_molecules(tiny_table, 
     good = [(r.smiles, r.target + rng.normal(0, 3)) for r in test]
     good[0] = (good[0][0], None)                                    # one answer without a number
     noisy = [(r.smiles, r.target + rng.normal(0, 80)) for r in test]
+    # intervals: the first half of the molecules contain their measured value, the rest lie above it
+    bounds = [(r.target - 5, r.target + 5) if i < len(test) // 2 else (r.target + 1, r.target + 11)
+              for i, r in enumerate(test)]
     out = tmp_path / "report.md"
-    main(["--predictions", _predictions(tmp_path / "good.csv", good), "--name", "good",
+    main(["--predictions", _predictions(tmp_path / "good.csv", good, bounds), "--name", "good",
           "--compare", f"noisy={_predictions(tmp_path / 'noisy.csv', noisy)}",
           "--split-file", str(split_file), "--table", str(tiny_table), "--trees", "30", "--out", str(out)])
     report = out.read_text()
@@ -38,3 +42,6 @@ def test_report_compares_model_with_baselines_on_the_same_molecules(tiny_table, 
     line = next(l for l in report.splitlines() if l.startswith("| good − mean of training targets"))
     assert line.endswith("| yes |")                                  # 3 °C noise beats the mean, clearly
     assert "good: 1" in report
+    coverage = next(l for l in report.splitlines() if l.startswith("| good | ") and "| 10 |" in l)
+    assert coverage == f"| good | {len(test)} | {(len(test) // 2) / len(test):.1%} | 10 |"
+    assert not any(l.startswith("| noisy | ") and l.endswith("| 10 |") for l in report.splitlines())

@@ -34,6 +34,7 @@ SFT_NO_RATIONALE, PPO_STRICT = "SFT without rationale (greedy)", "PPO strict fro
 MEDIAN_SAMPLES = 32
 SFT_MEDIAN, PPO_MEDIAN = f"SFT (rationale, median of {MEDIAN_SAMPLES})", f"PPO (curriculum, median of {MEDIAN_SAMPLES})"
 MEDIAN_ARGS = ["--model.init_args.decoding", "median", "--model.init_args.answer_samples", str(MEDIAN_SAMPLES)]
+GREEDY_ARGS = ["--model.init_args.decoding", "greedy"]  # the product's default is median; these rows say greedy
 PPO_LONG = "PPO, {minutes} min (curriculum, greedy)"
 THROUGHPUT_HEADING = "## PPO iteration throughput: chemlit vs TRL "
 
@@ -75,13 +76,14 @@ def report(runs: Path, out: Path, configs: Path, table: str, long_ppo_minutes: i
         long_ppo, timings["ppo-long"] = run_ablation(
             "ppo-long", "ppo", configs, runs, table, runs / "sft" / "export",
             ["--trainer.limit_train_batches", "2000", "--trainer.max_time", f"00:00:{long_ppo_minutes:02d}:00"])
-    models = {PPO: ("ppo", runs / "ppo" / "export", []), SFT: ("sft", runs / "sft" / "export", []),
+    models = {PPO: ("ppo-greedy", runs / "ppo" / "export", GREEDY_ARGS),
+              SFT: ("sft-greedy", runs / "sft" / "export", GREEDY_ARGS),
               PPO_MEDIAN: ("ppo-median", runs / "ppo" / "export", MEDIAN_ARGS),
               SFT_MEDIAN: ("sft-median", runs / "sft" / "export", MEDIAN_ARGS),
-              PPO_STRICT: ("ppo-strict", strict, []),
-              SFT_NO_RATIONALE: ("sft-no-rationale", no_rationale, ["--data.use_rationale", "false"])}
+              PPO_STRICT: ("ppo-strict", strict, GREEDY_ARGS),
+              SFT_NO_RATIONALE: ("sft-no-rationale", no_rationale, ["--data.use_rationale", "false", *GREEDY_ARGS])}
     if long_ppo_minutes:
-        models[long_label] = ("ppo-long", long_ppo, [])
+        models[long_label] = ("ppo-long", long_ppo, GREEDY_ARGS)
     split_file = runs / "cpt" / "splits.csv"
     predictions = {label: read_predictions(test_predictions(name, export, configs, runs, split_file, table, extra)[0])
                    for label, (name, export, extra) in models.items()}

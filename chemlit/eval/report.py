@@ -33,6 +33,27 @@ def read_predictions(path: str | Path) -> dict[str, float]:
                 for row in csv.DictReader(handle)}
 
 
+def read_intervals(path: str | Path) -> dict[str, tuple[float, float]]:
+    """{smiles: (low, high)} from a predictions.csv with ``low``/``high`` columns (decoding=median); {} without."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "low" not in rows[0] or "high" not in rows[0]:
+        return {}
+    return {row["smiles"]: (float(row["low"]), float(row["high"])) for row in rows if row["low"] and row["high"]}
+
+
+def interval_coverage(intervals: dict[str, tuple[float, float]], smiles: list[str], truth: np.ndarray) -> dict:
+    """How often the measured value lies in [low, high] over the molecules that have an interval, and the
+    intervals' median width."""
+    have = [i for i, s in enumerate(smiles) if s in intervals]
+    if not have:
+        return {"n": 0, "coverage": math.nan, "median_width": math.nan}
+    bounds = np.array([intervals[smiles[i]] for i in have])
+    measured = truth[have]
+    inside = (bounds[:, 0] <= measured) & (measured <= bounds[:, 1])
+    return {"n": len(have), "coverage": float(inside.mean()), "median_width": float(np.median(bounds[:, 1] - bounds[:, 0]))}
+
+
 def model_metrics(predicted: np.ndarray, truth: np.ndarray) -> dict:
     """MAE [95% CI], RMSE, R² over the answers with a number, and the parse rate."""
     parsed = ~np.isnan(predicted)
@@ -73,14 +94,19 @@ def evaluation_columns(predictions: dict[str, dict[str, float]], split_file: str
 
 
 def build_report(predictions: dict[str, dict[str, float]], split_file: str, table: str = "builtin",
-                 trees: int = 300, pairs: list[tuple[str, str]] | None = None, evaluated=None) -> str:
+                 trees: int = 300, pairs: list[tuple[str, str]] | None = None, evaluated=None,
+                 intervals: dict[str, dict[str, tuple[float, float]]] | None = None,
+                 notes: list[str] | None = None) -> str:
     """Markdown report. ``pairs`` lists (a, b) for paired ΔMAE = MAE(a) − MAE(b); by default the first
     model against every other model and baseline. ``evaluated``: a result of evaluation_columns
-    (the forest is trained once when a caller needs the numbers twice)."""
+    (the forest is trained once when a caller needs the numbers twice). ``intervals``: per model, the
+    (low, high) of each molecule, reported as coverage of the measured values. ``notes``: lines after the
+    header (how the models answered)."""
     train, test, truth, mean, columns = evaluated or evaluation_columns(predictions, split_file, table, trees)
     lines = [f"# Report: {len(test)} test molecules, {len(train)} training molecules", "",
-             f"Split file: `{split_file}`. Intervals: 95% bootstrap over molecules (2,000 resamples).", "",
-             "| model | MAE °C [95% CI] | RMSE °C | R² | parse rate |", "|---|---|---|---|---|"]
+             f"Split file: `{split_file}`. Intervals: 95% bootstrap over molecules (2,000 resamples).", ""]
+    lines += [*notes, ""] if notes else []
+    lines += ["| model | MAE °C [95% CI] | RMSE °C | R² | parse rate |", "|---|---|---|---|---|"]
     lines += [_row(name, values, truth) for name, values in columns.items()]
     lines += ["", "Paired differences of MAE on the same molecules (negative: the model is better):", "",
               "| comparison | ΔMAE °C [95% CI] | significant |", "|---|---|---|"]
@@ -91,6 +117,12 @@ def build_report(predictions: dict[str, dict[str, float]], split_file: str, tabl
     for first, other in pairs:
         delta = paired_bootstrap_delta(np.abs(filled[first] - truth), np.abs(filled[other] - truth))
         lines.append(f"| {first} − {other} | {delta} | {'yes' if delta.excludes_zero() else 'no'} |")
+    smiles = [r.smiles for r in test]
+    covered = {name: interval_coverage(bounds, smiles, truth) for name, bounds in (intervals or {}).items() if bounds}
+    if covered:
+        lines += ["", "Prediction intervals (`low`–`high` in predictions.csv) against the measured values:", "",
+                  "| model | molecules with an interval | measured value inside | median width °C |", "|---|---|---|---|"]
+        lines += [f"| {name} | {c['n']} | {c['coverage']:.1%} | {c['median_width']:.0f} |" for name, c in covered.items()]
     unparsed = {n: int(np.isnan(v).sum()) for n, v in columns.items() if np.isnan(v).any()}
     if unparsed:
         lines += ["", "Answers without a number, scored as the training mean in paired comparisons: "
@@ -109,11 +141,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trees", type=int, default=300, help="trees of the random forest")
     parser.add_argument("--out", help="write the Markdown report here too (whole or not at all)")
     args = parser.parse_args(argv)
-    predictions = {args.name: read_predictions(args.predictions)}
+    files = {args.name: args.predictions}
     for item in args.compare:
         name, _, path = item.partition("=")
-        predictions[name] = read_predictions(path)
-    report = build_report(predictions, args.split_file, args.table, args.trees)
+        files[name] = path
+    predictions = {name: read_predictions(path) for name, path in files.items()}
+    intervals = {name: read_intervals(path) for name, path in files.items()}
+    report = build_report(predictions, args.split_file, args.table, args.trees, intervals=intervals)
     print(report)
     if args.out:
         tmp = f"{args.out}.tmp{os.getpid()}"

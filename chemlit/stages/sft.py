@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 from typing import Literal, Optional
 
+import numpy as np
 import torch
 
 from chemlit.data.prompts import ANSWER_MARKER, answer_prefix, parse_prediction
@@ -31,7 +32,7 @@ class SFTModule(AnsweringStage):
         learning_rate: float = 1e-3,
         weight_decay: float = 0.1,
         warmup_steps: int = 100,
-        decoding: Decoding = "greedy",
+        decoding: Decoding = "median",
         temperature: float = 1.0,
         max_new_tokens: int = 192,
         val_generate_limit: Optional[int] = 256,
@@ -41,6 +42,8 @@ class SFTModule(AnsweringStage):
         track_forgetting: bool = False,
         answer_loss_weight: float = 1.0,
         answer_samples: int = 8,
+        val_decoding: Decoding = "greedy",
+        interval: tuple[float, float] = (0.1, 0.9),
     ):
         """
         Args:
@@ -48,13 +51,18 @@ class SFTModule(AnsweringStage):
             learning_rate: peak AdamW learning rate (linear warm-up, cosine decay to 10%).
             weight_decay: AdamW weight decay on matrices (not on norms and biases).
             warmup_steps: optimizer steps of linear warm-up.
-            decoding: how validation/test/predict answer. greedy: most likely token at each step;
-                sample: sample with `temperature`; median: greedy rationale, then `answer_samples`
-                numbers sampled after its "##Prediction:" and their median (greedy digits pick
-                each digit's mode and collapse onto a few round values; the median of samples
-                is the answer that minimises the expected absolute error).
+            decoding: how test and predict answer (the pipeline's report too). median (default):
+                greedy rationale, then `answer_samples` numbers sampled after its "##Prediction:",
+                answered by their median, with `interval` quantiles of the same samples (greedy
+                digits pick each digit's mode and collapse onto a few round values; the median of
+                samples is the answer that minimises the expected absolute error). greedy: most
+                likely token at each step, no interval; sample: one sample at `temperature`.
+            val_decoding: how validation answers during fit (greedy: the cheapest; model selection
+                uses val/loss).
+            interval: lower and upper quantile of the sampled numbers written as `low` and `high`
+                to predictions.csv (decoding=median); (0.1, 0.9) = the 10th-90th percentile.
             temperature: sampling temperature when decoding=sample or median.
-            answer_samples: numbers sampled per molecule when decoding=median.
+            answer_samples: numbers sampled per molecule when decoding=median (also for the interval).
             max_new_tokens: longest generated rationale + answer.
             val_generate_limit: generate for only the first N validation molecules each epoch
                 (generation is the slow part); None = all. Test always uses all.
@@ -72,6 +80,10 @@ class SFTModule(AnsweringStage):
         self.lora = lora
         self.save_hyperparameters()
         self.decoding = decoding
+        self.val_decoding = val_decoding
+        if not 0.0 <= interval[0] < interval[1] <= 1.0:
+            raise ValueError(f"interval must be two quantiles 0 <= low < high <= 1, got {interval}")
+        self.interval = (float(interval[0]), float(interval[1]))
         self.answer_samples = answer_samples
         self.temperature = temperature
         self.max_new_tokens = max_new_tokens
@@ -92,16 +104,24 @@ class SFTModule(AnsweringStage):
         return loss
 
     # ------------------------------------------------------------------ generation
+    def current_decoding(self) -> str:
+        """``val_decoding`` while validating inside fit, ``decoding`` for test and predict."""
+        trainer = self._trainer
+        if trainer is not None and (trainer.sanity_checking or (trainer.validating and trainer.state.fn == "fit")):
+            return self.val_decoding
+        return self.decoding
+
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
         """Answer ids (B, T) and texts for left-padded prompts (greedy for decoding=greedy|median)."""
-        sample = self.decoding == "sample"
+        sample = self.current_decoding() == "sample"
         return self.write_answers(prompt_ids, prompt_mask, self.max_new_tokens, self.temperature if sample else None)
 
     @torch.no_grad()
     def median_numbers(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, answers: torch.Tensor,
-                       fallback: list[Optional[float]]) -> list[Optional[float]]:
-        """Median of ``answer_samples`` numbers sampled after each answer's own "##Prediction:".
+                       fallback: list[Optional[float]]) -> tuple[list[Optional[float]], list[tuple[float, float]]]:
+        """Median of ``answer_samples`` numbers sampled after each answer's own "##Prediction:", and their
+        ``interval`` quantiles ((nan, nan) where no sample parsed).
 
         answers: (B, T) the greedy answers' ids."""
         marker = self.tokenizer.encode(ANSWER_MARKER, add_special_tokens=False)
@@ -113,8 +133,9 @@ class SFTModule(AnsweringStage):
                 prefixes.append(prompt_ids[b][prompt_mask[b].bool()].tolist() + written)
                 rows.append(b)
         values = list(fallback)
+        intervals = [(math.nan, math.nan)] * len(values)
         if not rows:
-            return values
+            return values, intervals
         pad = self.tokenizer.pad_token_id
         ids = pad_left(prefixes, pad, None).to(answers.device)
         mask = pad_left([[1] * len(p) for p in prefixes], 0, None).to(answers.device)
@@ -126,14 +147,22 @@ class SFTModule(AnsweringStage):
             numbers = [n for n in numbers if n is not None]
             if numbers:
                 values[b] = float(statistics.median(numbers))
-        return values
+                low, high = np.quantile(np.array(numbers, dtype=float), self.interval)
+                intervals[b] = (float(low), float(high))
+        return values, intervals
 
-    def answer_batch(self, batch: dict) -> tuple[list[str], torch.Tensor]:
+    def answer_with_interval(self, batch: dict) -> tuple[list[str], torch.Tensor, list[tuple[float, float]]]:
+        """Texts, numbers (NaN where none parsed) and intervals ((nan, nan) unless decoding=median)."""
         answers, texts = self.generate(batch["prompt_ids"], batch["prompt_mask"])
         values = [parse_prediction(t) for t in texts]
-        if self.decoding == "median":
-            values = self.median_numbers(batch["prompt_ids"], batch["prompt_mask"], answers, values)
-        return texts, self.as_tensor(values)
+        intervals = [(math.nan, math.nan)] * len(values)
+        if self.current_decoding() == "median":
+            values, intervals = self.median_numbers(batch["prompt_ids"], batch["prompt_mask"], answers, values)
+        return texts, self.as_tensor(values), intervals
+
+    def answer_batch(self, batch: dict) -> tuple[list[str], torch.Tensor]:
+        texts, values, _ = self.answer_with_interval(batch)
+        return texts, values
 
     # ------------------------------------------------------------------ forgetting
     @torch.no_grad()
@@ -170,10 +199,12 @@ class SFTModule(AnsweringStage):
         self._predictions: list[dict] = []
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        texts, values = self.answer_batch(batch)
-        rows = [{"smiles": s, "prediction": "" if math.isnan(v) else round(v, 1), "rationale": t.strip(),
+        texts, values, intervals = self.answer_with_interval(batch)
+        blank = lambda x: "" if math.isnan(x) else round(x, 1)  # noqa: E731
+        rows = [{"smiles": s, "prediction": blank(v), "low": blank(lo), "high": blank(hi), "rationale": t.strip(),
                  "measured": "" if math.isnan(m) else m}
-                for s, v, t, m in zip(batch["smiles"], values.tolist(), texts, batch["targets"].tolist())]
+                for s, v, (lo, hi), t, m in zip(batch["smiles"], values.tolist(), intervals, texts,
+                                                batch["targets"].tolist())]
         self._predictions.extend(rows)
         return rows
 
