@@ -120,7 +120,12 @@ def decide_cuda(bf16_supported: bool, name: str) -> PrecisionChoice:
 def uses_cuda(accelerator: object) -> bool:
     """Whether a Trainer given ``accelerator`` (a name or an Accelerator object) trains on a CUDA GPU."""
     name = (accelerator if isinstance(accelerator, str) else type(accelerator).__name__).lower()
-    return name in ("gpu", "cuda") or "cuda" in name or (name == "auto" and torch.cuda.is_available())
+    return name == "gpu" or "cuda" in name or (name == "auto" and torch.cuda.is_available())
+
+
+def cuda_has_bf16() -> bool:
+    """A CUDA GPU is here and computes bf16 natively (Ampere or newer; emulated bf16 does not count)."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def choose_precision(accelerator: object = "auto") -> PrecisionChoice:
@@ -133,7 +138,7 @@ def choose_precision(accelerator: object = "auto") -> PrecisionChoice:
         return PrecisionChoice(precision, reason)
     if cuda:
         index = torch.cuda.current_device() if torch.cuda.is_available() else 0
-        choice = decide_cuda(torch.cuda.is_bf16_supported(including_emulation=False), torch.cuda.get_device_name(index))
+        choice = decide_cuda(cuda_has_bf16(), torch.cuda.get_device_name(index))
     else:
         choice = decide_cpu(cpu_facts())
     os.environ[AUTO_ENV] = f"{key}|{choice.precision}|{choice.reason}"

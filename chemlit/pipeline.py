@@ -77,12 +77,12 @@ def decoding_label(config_file: Path) -> str:
     """How a predict run answered, from the config it saved: "median of 8" or "greedy"."""
     import yaml
 
-    try:
+    try:  # the CLI saves the full config, defaults included
         init = yaml.safe_load(config_file.read_text())["model"]["init_args"]
+        decoding, samples = init["decoding"], init["answer_samples"]
     except (OSError, KeyError, TypeError):
         return "answers"
-    decoding = init.get("decoding", "median")
-    return f"median of {init.get('answer_samples', 8)}" if decoding == "median" else decoding
+    return f"median of {samples}" if decoding == "median" else decoding
 
 
 def newest(root: Path, pattern: str) -> Path | None:

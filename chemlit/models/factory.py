@@ -126,11 +126,13 @@ def _quantization_config(spec: ModelSpec):
         return None
     from transformers import BitsAndBytesConfig
 
+    from chemlit.hardware import cuda_has_bf16
+
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
     if spec.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    # 4-bit matmuls run in the compute dtype: bf16 on a GPU that has it (what bf16 autocast feeds them), else fp32.
-    compute = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    # 4-bit matmuls run in the compute dtype: bf16 where precision auto chooses bf16 on the GPU, else fp32.
+    compute = torch.bfloat16 if cuda_has_bf16() else torch.float32
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
 
 

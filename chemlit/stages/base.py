@@ -13,8 +13,8 @@ from typing import Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Timer
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_only
 from tokenizers import Tokenizer
 

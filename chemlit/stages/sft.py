@@ -7,7 +7,6 @@ and the parse rate (torchmetrics), plus a few full generations as TensorBoard te
 from __future__ import annotations
 
 import math
-import statistics
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -146,9 +145,8 @@ class SFTModule(AnsweringStage):
             numbers = [parse_prediction(ANSWER_MARKER + t) for t in texts[j * K:(j + 1) * K]]
             numbers = [n for n in numbers if n is not None]
             if numbers:
-                values[b] = float(statistics.median(numbers))
-                low, high = np.quantile(np.array(numbers, dtype=float), self.interval)
-                intervals[b] = (float(low), float(high))
+                median, low, high = np.quantile(np.array(numbers, dtype=float), [0.5, *self.interval])
+                values[b], intervals[b] = float(median), (float(low), float(high))
         return values, intervals
 
     def answer_with_interval(self, batch: dict) -> tuple[list[str], torch.Tensor, list[tuple[float, float]]]:
