@@ -287,16 +287,15 @@ class PPOModule(AnsweringStage):
         return logits if self.ppo.temperature == 1.0 else logits / self.ppo.temperature
 
     @torch.no_grad()
-    def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
-        """(B, T) log-probs of the sampled responses under the frozen reference."""
-        groups = torch.arange(rollout.prefix_ids.size(0), device=rollout.responses.device)
-        T = rollout.responses.size(1)
+    def reference_logprobs(self, rollout: Rollout, groups: torch.Tensor, length: int) -> torch.Tensor:
+        """(b, length) log-probs of the sampled responses of ``groups`` under the frozen reference."""
+        responses = rollout.responses[rollout.rows(groups), :length]
         if self.uses_lora:
             with self.model.disable_adapter():
-                logits, _ = self.forward_policy(rollout, groups, T, network=self.model)
+                logits, _ = self.forward_policy(rollout, groups, length, network=self.model)
         else:
-            logits, _ = self.forward_policy(rollout, groups, T, network=self.reference)
-        return pm.logprobs_from_logits(logits, rollout.responses)
+            logits, _ = self.forward_policy(rollout, groups, length, network=self.reference)
+        return pm.logprobs_from_logits(logits, responses)
 
     # ------------------------------------------------------------------ the story of one iteration
     @torch.no_grad()
@@ -387,14 +386,15 @@ class PPOModule(AnsweringStage):
         mask = rollout.response_mask
         logprobs = torch.zeros(mask.shape, device=self.device)                     # (B, T)
         values = torch.zeros(mask.shape, device=self.device)                       # (B, T)
-        for groups in minibatches:
+        ref_logprobs = torch.zeros(mask.shape, device=self.device)                 # (B, T)
+        for groups in minibatches:  # minibatch by minibatch: the same shapes, and smaller passes run faster
             rows = rollout.rows(groups)
             T = rollout.length(rows)
             logits, minibatch_values = self.forward_policy(rollout, groups, T)      # (b, T, V), (b, T)
             logprobs[rows, :T] = pm.logprobs_from_logits(logits, rollout.responses[rows, :T])
             values[rows, :T] = minibatch_values
-        rollout.logprobs, rollout.values = logprobs * mask, values * mask
-        rollout.ref_logprobs = self.reference_logprobs(rollout)                    # (B, T)
+            ref_logprobs[rows, :T] = self.reference_logprobs(rollout, groups, T)
+        rollout.logprobs, rollout.values, rollout.ref_logprobs = logprobs * mask, values * mask, ref_logprobs * mask
 
     @torch.no_grad()
     def advantages(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
