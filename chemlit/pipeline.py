@@ -135,10 +135,12 @@ def test_predictions(name: str, export: Path, configs: Path, runs: Path, split_f
 
 def run_pipeline(configs: Path, runs: Path, table: str = "builtin", fresh: bool = False,
                  stages: list[str] | None = None, extra: dict[str, list[str]] | None = None,
-                 minutes: float | None = 30.0, base_model: str | None = None) -> dict:
+                 minutes: float | None = 30.0, base_model: str | None = None, split: str | None = None,
+                 holdout_source: str = "wikidata") -> dict:
     """Run the stages in order within ``minutes`` (None: each config's own limits); ``base_model`` replaces the
-    first stage's pretrained model. Returns where everything is, each part's wall time and CPU use, and the
-    report's text."""
+    first stage's pretrained model; ``split`` (random / scaffold / source, None: the configs') is how the first
+    stage splits the table, ``holdout_source`` the test source of split=source. Returns where everything is,
+    each part's wall time and CPU use, and the report's text."""
     from chemlit.eval.report import build_report, read_intervals, read_predictions
     from chemlit.hardware import cpu_cores
 
@@ -171,6 +173,9 @@ def run_pipeline(configs: Path, runs: Path, table: str = "builtin", fresh: bool 
                 print(f"chemlit pipeline {header} may train {seconds / 60:.1f} min of the "
                       f"{(deadline - time.perf_counter()) / 60:.1f} left", flush=True)
             first = ["--model.init_args.model.path", base_model] if base_model and previous_export is None else []
+            if split and stage.name == "cpt":  # the stage that makes the split
+                first += ["--data.split", split] + (["--data.holdout_source", holdout_source] if split == "source"
+                                                    else [])
             args = stage_args(stage, configs, runs, split_file, previous_export, table,
                               first + limit + extra.get(stage.name, []))
             checkpoint = newest_last_checkpoint(runs / stage.experiment)
@@ -222,10 +227,17 @@ def main(argv: list[str] | None = None) -> None:
                              "0 = each config's own max_time")
     parser.add_argument("--base-model", help="the first stage's pretrained model (hub name or directory), for "
                                               "configs that start from one (configs/gpu)")
+    parser.add_argument("--split", choices=["random", "scaffold", "source"],
+                        help="how the table is split (default: the configs', random): scaffold = Murcko scaffolds "
+                             "never cross splits; source = test on the molecules of --holdout-source only")
+    parser.add_argument("--holdout-source", default="wikidata",
+                        help="--split source: the source whose molecules are the test set (default wikidata: "
+                             "the built-in table's molecules that Open Notebook lacks)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     result = run_pipeline(Path(args.configs), Path(args.runs), args.table, args.fresh, args.stages,
-                          minutes=args.minutes or None, base_model=args.base_model)
+                          minutes=args.minutes or None, base_model=args.base_model, split=args.split,
+                          holdout_source=args.holdout_source)
     runs = result["runs"]
     print("\n" + "=" * 78)
     print(f"chemlit pipeline finished in {(time.perf_counter() - started) / 60:.1f} min"

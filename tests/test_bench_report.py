@@ -30,3 +30,23 @@ def test_a_new_throughput_run_replaces_only_the_reports_throughput_section(tmp_p
     bare.write_text("# Report\n")
     replace_throughput_section(bare, THROUGHPUT_HEADING + "x\n")
     assert bare.read_text() == "# Report\n\n" + THROUGHPUT_HEADING + "x\n"
+
+
+def test_sft_ablations_train_each_variant_from_the_same_cpt_export_and_compare_them(tmp_path, tiny_table):
+    from chemlit.bench.__main__ import sft_ablations
+    from chemlit.pipeline import run_pipeline
+    from tests.test_pipeline import EXTRA, ROOT
+
+    runs = tmp_path / "runs"
+    run_pipeline(ROOT / "configs" / "quickstart", runs, table=str(tiny_table), stages=["cpt"], extra=EXTRA,
+                 minutes=None)
+    text = sft_ablations(runs, tmp_path / "out", ROOT / "configs" / "quickstart", str(tiny_table), 1,
+                         ["sft-compact", "sft-compact-analogues"],
+                         extra={"sft": EXTRA["sft"] + ["--trainer.log_every_n_steps", "1"], "test": EXTRA["test"]})
+    assert (tmp_path / "out" / "ablations.md").read_text() == text
+    for name in ("sft-compact", "sft-compact-analogues"):
+        config = next((runs / name).glob("version_*/config.yaml")).read_text()
+        assert f"path: {runs / 'cpt' / 'export'}" in config and "rationale_style: compact" in config
+    assert (runs / "sft-compact-analogues" / "export" / "reference_set.json").is_file()
+    assert "compact rationale + 3 analogues − compact rationale" in text  # paired against the first variant
+    assert "## Learning per minute" in text and "| compact rationale | 3 |" in text

@@ -1,10 +1,14 @@
 """decoding=median: the number is the median of numbers sampled after the model's own answer marker."""
 
 import math
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
+from chemlit.data.datamodule import RationaleDataModule
+from chemlit.data.records import canonical_smiles, randomized_smiles
 from chemlit.data.prompts import ANSWER_MARKER
 from chemlit.data.tokenizer import train_smiles_tokenizer
 from chemlit.models.factory import TinyConfig, build_tiny
@@ -36,7 +40,9 @@ def test_median_of_sampled_numbers_after_the_marker(monkeypatch):
         return torch.tensor([t + [tokenizer.pad_token_id] * (w - len(t)) for t in tails])
 
     monkeypatch.setattr("chemlit.stages.base.decode_after_prefix", fake_decode)
-    values, intervals = module.median_numbers(prompt_ids, prompt_mask, out, fallback=[100.0, None])
+    numbers = module.sampled_numbers(prompt_ids, prompt_mask, out)
+    assert numbers == [[90.0, 300.0, 120.0], []]
+    values, intervals = module.median_and_interval(numbers, fallback=[100.0, None])
     assert values == [120.0, None]  # the row without a marker keeps its greedy value
     # the 10th-90th percentile of the samples 90, 300, 120 (linear interpolation); none without samples
     assert intervals[0] == pytest.approx((90 + 0.2 * 30, 120 + 0.8 * 180))
@@ -46,3 +52,52 @@ def test_median_of_sampled_numbers_after_the_marker(monkeypatch):
     assert prefix.endswith(ANSWER_MARKER) and "small." in prefix
     assert seen["prefix_ids"].size(0) == 1 and seen["repeats"] == 3
     assert seen["temperature"] == module.temperature  # plain sampling at the configured temperature
+
+
+def test_randomised_smiles_are_the_same_molecule_spelled_otherwise():
+    smiles = "CC(=O)Oc1ccccc1C(=O)O"
+    variants = [randomized_smiles(smiles, seed) for seed in range(6)]
+    assert variants[0] == canonical_smiles(smiles)
+    assert all(canonical_smiles(v) == variants[0] for v in variants)
+    assert len(set(variants)) >= 4                                      # really other spellings
+    assert variants == [randomized_smiles(smiles, seed) for seed in range(6)]  # and always the same ones
+    assert randomized_smiles("OC(=O)c1ccccc1OC(C)=O", 3) == variants[3]  # whatever spelling came in
+
+
+def test_smiles_variants_pool_the_numbers_of_every_spelling(tmp_path, tiny_table, monkeypatch):
+    """smiles_variants=3: greedy rationale + K samples for each of 3 spellings, one median over all 3K numbers."""
+    dm = RationaleDataModule(table=str(tiny_table), run_dir=str(tmp_path))
+    dm.setup()
+    tokenizer = train_smiles_tokenizer(dm.tokenizer_corpus(), vocab_size=400)
+    dm.tokenizer = tokenizer
+    module = SFTModule(decoding="median", answer_samples=3, smiles_variants=3)
+    module.tokenizer = tokenizer
+    module.model = build_tiny(TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+                              len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    module._trainer = SimpleNamespace(datamodule=dm, sanity_checking=False, validating=False)
+    batch = dm.collate_rl(dm.examples("test")[:2])
+    prompts_seen = []
+
+    def fake_generate(prompt_ids, prompt_mask):
+        prompts_seen.append([tokenizer.decode(row[mask.bool()]) for row, mask in zip(prompt_ids, prompt_mask)])
+        answer = tokenizer.encode(" small.\n##Prediction: 100") + [tokenizer.eos_token_id]
+        return torch.tensor([answer] * prompt_ids.size(0)), ["small.\n##Prediction: 100"] * prompt_ids.size(0)
+
+    calls = iter([[" 90", " 300", " 120"] * 2, [" 10", " 20", " 30"] * 2, [" 400", " 410", " 420"] * 2])
+
+    def fake_decode(model, prefix_ids, prefix_mask, repeats, max_new_tokens, eos_token_id, pad_token_id,
+                    temperature):
+        tails = [tokenizer.encode(c) + [tokenizer.eos_token_id] for c in next(calls)]
+        w = max(map(len, tails))
+        return torch.tensor([t + [tokenizer.pad_token_id] * (w - len(t)) for t in tails])
+
+    monkeypatch.setattr(module, "generate", lambda ids, mask: fake_generate(ids, mask))
+    monkeypatch.setattr("chemlit.stages.base.decode_after_prefix", fake_decode)
+    texts, values, intervals = module.answer_with_interval(batch)
+    pooled = [90, 300, 120, 10, 20, 30, 400, 410, 420]
+    assert values.tolist() == [float(np.median(pooled))] * 2
+    assert intervals[0] == pytest.approx(tuple(np.quantile(pooled, [0.1, 0.9])))
+    assert len(prompts_seen) == 3  # the canonical prompt and two other spellings
+    for b, smiles in enumerate(batch["smiles"]):
+        spelled = [seen[b].split("Molecule: ")[1].split("\n")[0] for seen in prompts_seen]
+        assert spelled[0] == smiles and {canonical_smiles(s) for s in spelled} == {smiles}

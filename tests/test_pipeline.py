@@ -1,5 +1,6 @@
 """The one-command pipeline on a tiny table with tiny models: every stage, the report, and resume."""
 
+import csv
 import json
 import time
 from pathlib import Path
@@ -7,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from chemlit import pipeline
+from chemlit.data.records import canonical_smiles
+from chemlit.data.splits import read_split
 from chemlit.pipeline import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +78,20 @@ def test_a_stage_stops_at_its_share_of_the_budget_and_exports(tmp_path, tiny_tab
     assert result["timings"]["cpt"] < 40
     config = next((runs / "cpt").glob("version_*/config.yaml")).read_text()
     assert "max_time: 00:00:00:02" in config
+
+
+def test_an_out_of_source_pipeline_tests_on_the_held_out_source_only(tmp_path, tiny_table, capsys):
+    """--split source: the first stage makes the split, and its test set is the held-out source's molecules."""
+    runs = tmp_path / "runs"
+    run_pipeline(ROOT / "configs" / "quickstart", runs, table=str(tiny_table), stages=["cpt"], extra=EXTRA,
+                 minutes=None, split="source", holdout_source="wikidata")
+    with open(tiny_table, newline="") as handle:
+        sources = {canonical_smiles(row["smiles"]): row["source"] for row in csv.DictReader(handle)}
+    split = read_split(runs / "cpt" / "splits.csv")
+    test = {s for s, name in split.items() if name == "test"}
+    assert test == {s for s, source in sources.items() if source == "wikidata"}
+    assert all(sources[s] == "open_notebook" for s, name in split.items() if name != "test")
+    assert "--data.split source --data.holdout_source wikidata" in capsys.readouterr().out
 
 
 def test_the_gpu_configs_run_through_the_pipeline_on_a_cpu(tmp_path, tiny_table):

@@ -55,3 +55,24 @@ def test_users_own_rationale_takes_precedence(tmp_path):
     by_smiles = {r.smiles: dm.rationale(r) for r in dm.records["train"]}
     assert by_smiles["CCO"] == "My own reason."
     assert by_smiles["c1ccccc1"] == write_rationale("c1ccccc1")
+
+
+def test_compact_style_states_the_same_facts_in_fewer_words(tmp_path):
+    aspirin = "CC(=O)Oc1ccccc1C(=O)O"
+    compact = write_rationale(aspirin, "compact")
+    assert compact == write_rationale("OC(=O)c1ccccc1OC(C)=O", "compact")  # structure, not spelling
+    assert "donors 1, acceptors 3" in compact and "aromatic rings 1" in compact
+    assert "carboxylic acid" in compact and "ester" in compact and "ether" not in compact
+    assert "raises" not in compact and len(compact) < len(write_rationale(aspirin)) / 2
+    assert "symmetry high" in write_rationale("c1ccc2ccccc2c1", "compact")
+    assert "Cl 4" in write_rationale("ClC(Cl)(Cl)Cl", "compact")
+    with pytest.raises(ValueError, match="style"):
+        write_rationale(aspirin, "short")
+    path = tmp_path / "r.csv"
+    path.write_text(f"smiles,mpC,Reason\nCCO,-114,My own reason.\n{aspirin},135,\n")
+    dm = RationaleDataModule(table=str(path), run_dir=str(tmp_path / "run"), split_fractions=(1.0, 0.0, 0.0),
+                             rationale_style="compact")
+    dm.setup()
+    by_smiles = {r.smiles: dm.rationale(r) for r in dm.records["train"]}
+    assert by_smiles["CCO"] == "My own reason."  # a table's own rationale is never rewritten
+    assert by_smiles[aspirin] == compact

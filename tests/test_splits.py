@@ -1,5 +1,6 @@
 import pytest
 
+from chemlit.data.datamodule import RationaleDataModule
 from chemlit.data.records import DataError
 from chemlit.data.splits import make_split, murcko_scaffold, read_split, write_split
 
@@ -45,3 +46,21 @@ def test_split_file_round_trip_and_errors(tmp_path):
     bad.write_text("smiles,split\nCCO,holdout\n")
     with pytest.raises(DataError, match="row 2: split 'holdout'"):
         read_split(bad)
+
+
+def test_source_split_tests_on_the_held_out_source_only(tmp_path):
+    path = tmp_path / "t.csv"
+    rows = [("CCO", -114, "a"), ("CCCO", -126, "a"), ("CCCCO", -89, "a"), ("CCCCCO", -78, "a"),
+            ("c1ccccc1", 5.5, "b"), ("Cc1ccccc1", -95, "b"), ("CC(=O)O", 16.6, "a"), ("OCCO", -12.9, "a"),
+            ("NC(=O)N", 133, "a"), ("CCN", -81, "a"), ("CCCN", -83, "a"), ("CCCCN", -49, "a")]
+    path.write_text("smiles,mpC,source\n" + "".join(f"{s},{v},{src}\n" for s, v, src in rows))
+    dm = RationaleDataModule(table=str(path), run_dir=str(tmp_path / "run"), split="source", holdout_source="b",
+                             split_fractions=(0.8, 0.2, 0.0))
+    dm.setup()
+    assert sorted(r.smiles for r in dm.records["test"]) == ["Cc1ccccc1", "c1ccccc1"]
+    assert all(r.source == "a" for split in ("train", "val") for r in dm.records[split])
+    assert len(dm.records["val"]) == 2 and len(dm.records["train"]) == 8  # 10 molecules of a, 4:1
+    with pytest.raises(ValueError, match="no molecule comes from 'c'.*'a', 'b'"):
+        RationaleDataModule(table=str(path), run_dir=str(tmp_path / "r2"), split="source", holdout_source="c").setup()
+    with pytest.raises(ValueError, match="holdout_source"):
+        RationaleDataModule(table=str(path), run_dir=str(tmp_path / "r3"), split="source").setup()

@@ -1,6 +1,7 @@
 """``python -m chemlit.bench``: the benchmark report (not a test; it takes a while).
 
     python -m chemlit.bench report     --runs runs/pipeline [--out chemlit/bench/results]
+    python -m chemlit.bench ablations  --runs runs/pipeline [--minutes 8] [--variants ...]
     python -m chemlit.bench throughput [--out chemlit/bench/results] [--trl-dir .bench-trl]
 
 ``report`` starts from a finished ``python -m chemlit pipeline`` run directory and adds, on the
@@ -11,7 +12,10 @@ same split and the same test molecules:
     (only the strictest tolerance of the curriculum, so it can neither ease nor fall back), same budget;
 then answers the test molecules with every model (greedy) and writes ``report.md`` and
 ``report.csv``: mean predictor, random forest, SFT, PPO and the ablations, MAE with 95% bootstrap
-intervals, RMSE, R², parse rate, and paired-bootstrap differences. ``throughput`` times one PPO
+intervals, RMSE, R², parse rate, and paired-bootstrap differences. ``ablations`` trains SFT variants
+(rationale style, none, analogues, CPT replay) for the same minutes each from the pipeline's CPT
+export and writes ``ablations.md``: test MAE under median decoding with intervals and paired
+differences, molecules per second and validation MAE by minute. ``throughput`` times one PPO
 iteration of chemlit against TRL 0.11.4 (see chemlit/bench/throughput.py).
 """
 
@@ -60,7 +64,12 @@ def run_ablation(name: str, stage_name: str, configs: Path, runs: Path, table: s
 
 
 def report(runs: Path, out: Path, configs: Path, table: str, long_ppo_minutes: int = 0) -> str:
-    from chemlit.eval.report import build_report, evaluation_columns, model_metrics, read_predictions
+    from chemlit.eval.report import (
+        build_report,
+        evaluation_columns,
+        model_metrics,
+        read_predictions,
+    )
 
     for stage in ("cpt", "sft", "ppo"):
         if not (runs / stage / "export").is_dir():
@@ -116,6 +125,102 @@ def report(runs: Path, out: Path, configs: Path, table: str, long_ppo_minutes: i
     _write(out / "report.md", text)
     write_csv(rows, out / "report.csv")
     _parity_png(out / "parity.png", {name: columns[name] for name in (SFT, SFT_MEDIAN, PPO)}, truth)
+    return text
+
+
+# The SFT ablations: the same CPT export, the same split, the same minutes each; test answers by the product's
+# default decoding (median). Names are run directories under --runs.
+SFT_VARIANTS = {
+    "sft-full": ("full rationale", ["--data.rationale_style", "full"]),
+    "sft-compact": ("compact rationale", ["--data.rationale_style", "compact"]),
+    "sft-none": ("no rationale", ["--data.use_rationale", "false"]),
+    "sft-compact-analogues": ("compact rationale + 3 analogues", ["--data.rationale_style", "compact",
+                                                                  "--data.analogues", "3"]),
+    "sft-compact-replay": ("compact rationale + CPT replay 0.25", ["--data.rationale_style", "compact",
+                                                                   "--data.cpt_replay_ratio", "0.25"]),
+}
+
+
+def learning_curve(run_dir: Path, examples_per_step: int, train_molecules: int) -> dict:
+    """Steps, molecules per second, epochs, validation MAE by minute and forgetting of one SFT run's logs."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list] = {}
+    for path in sorted(run_dir.glob("version_*/events.out.tfevents*")):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(events.Scalars(tag))
+    loss = scalars.get("train/loss", [])
+    if len(loss) < 2:
+        return {}
+    start = loss[0].wall_time
+    steps = json.loads((run_dir / "export" / "chemlit_export.json").read_text())["global_step"]
+    rate = (loss[-1].step - loss[0].step) * examples_per_step / max(loss[-1].wall_time - start, 1e-9)
+    return {"steps": steps, "molecules_per_s": rate, "epochs": steps * examples_per_step / train_molecules,
+            "val_mae": [((e.wall_time - start) / 60, e.value) for e in scalars.get("val/mae", [])],
+            "forgetting": [e.value for e in scalars.get("val/forgetting", [])]}
+
+
+def sft_ablations(runs: Path, out: Path, configs: Path, table: str, minutes: int, variants: list[str],
+                  extra: dict[str, list[str]] | None = None) -> str:
+    """Each SFT variant for ``minutes`` from the pipeline's CPT export, its test answers, one report.
+    ``extra``: more arguments for the "sft" fits and the "test" answers (tests shrink the runs with them)."""
+    extra = extra or {}
+    from chemlit.data.splits import read_split
+    from chemlit.eval.report import (
+        build_report,
+        evaluation_columns,
+        read_intervals,
+        read_predictions,
+    )
+
+    cpt = runs / "cpt" / "export"
+    if not cpt.is_dir():
+        raise SystemExit(f"chemlit bench: {cpt} is missing: run `python -m chemlit pipeline --runs {runs}` first")
+    split_file = runs / "cpt" / "splits.csv"
+    train_molecules = sum(1 for v in read_split(split_file).values() if v == "train")
+    budget = ["--trainer.max_time", f"00:00:{minutes:02d}:00", "--trainer.max_epochs", "1000"]  # time decides
+    predictions, intervals, curves, timings = {}, {}, {}, {}
+    for name in variants:
+        label, overrides = SFT_VARIANTS[name]
+        export, timings[name] = run_ablation(name, "sft", configs, runs, table, cpt,
+                                             overrides + budget + extra.get("sft", []))
+        out_csv = test_predictions(name, export, configs, runs, split_file, table, extra.get("test", []))[0]
+        predictions[label], intervals[label] = read_predictions(out_csv), read_intervals(out_csv)
+        curves[label] = learning_curve(runs / name, 32, train_molecules)
+    labels = list(predictions)
+    pairs = [(label, labels[0]) for label in labels[1:]]
+    for name in variants:  # a variant that adds one thing to another (compact + analogues) against it too
+        base = max((b for b in variants if b != name and name.startswith(b + "-")), key=len, default=None)
+        if base is not None and base != variants[0]:
+            pairs.append((SFT_VARIANTS[name][0], SFT_VARIANTS[base][0]))
+    if "sft-none" in variants:  # does writing a rationale help the number?
+        pairs += [(SFT_VARIANTS[name][0], SFT_VARIANTS["sft-none"][0]) for name in ("sft-full", "sft-compact")
+                  if name in variants and name != variants[0]]
+    pairs += [(label, "random forest on RDKit descriptors") for label in labels]
+    evaluated = evaluation_columns(predictions, str(split_file), table)
+    command = (f"`python -m chemlit.bench ablations --runs {runs} --minutes {minutes} --variants "
+               f"{' '.join(variants)}` after `python -m chemlit pipeline --runs {runs}`")
+    how = (f"Every variant: the SFT stage (`sft.yaml` + `after_cpt.yaml`) from the same CPT export for {minutes} min "
+           "of training, then the test molecules answered with the default decoding (median of 8 after the greedy "
+           "rationale).")
+    notes = [f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}.", f"Made by: {command}.", how]
+    text = build_report(predictions, str(split_file), table, pairs=pairs, evaluated=evaluated, intervals=intervals,
+                        notes=notes)
+    header = ("| variant | steps | molecules / s | epochs | val MAE °C by minute (greedy, 128 molecules) "
+              "| val/forgetting |")
+    rows = ["", "## Learning per minute", "", header, "|---|---|---|---|---|---|"]
+    for label, c in curves.items():
+        if not c:
+            continue
+        val = ", ".join(f"{m:.1f} min: {v:.1f}" for m, v in c["val_mae"])
+        forgetting = ", ".join(f"{v:.1f}" for v in c["forgetting"]) or "–"
+        rows.append(f"| {label} | {c['steps']} | {c['molecules_per_s']:.1f} | {c['epochs']:.1f} | {val} | "
+                    f"{forgetting} |")
+    text = text.rstrip("\n") + "\n" + "\n".join(rows) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out / "ablations.md", text)
     return text
 
 
@@ -203,6 +308,14 @@ def main(argv: list[str] | None = None) -> None:
     rep.add_argument("--out", default="chemlit/bench/results")
     rep.add_argument("--long-ppo-minutes", type=int, default=0,
                      help="also run the PPO config for this many minutes (beyond the pipeline's budget)")
+    abl = sub.add_parser("ablations", help="SFT variants for the same minutes from the pipeline's CPT export")
+    abl.add_argument("--runs", default="runs/pipeline")
+    abl.add_argument("--configs", default="configs/quickstart")
+    abl.add_argument("--table", default="builtin")
+    abl.add_argument("--out", default="chemlit/bench/results")
+    abl.add_argument("--minutes", type=int, default=8, help="training minutes of each variant")
+    abl.add_argument("--variants", nargs="+", choices=list(SFT_VARIANTS), default=list(SFT_VARIANTS),
+                     help="the first is the one the others are compared with")
     thr = sub.add_parser("throughput", help="one PPO iteration: chemlit vs TRL 0.11.4")
     thr.add_argument("--out", default="chemlit/bench/results")
     thr.add_argument("--trl-dir", default=".bench-trl", help="where TRL 0.11.4 is installed (--no-deps)")
@@ -211,7 +324,10 @@ def main(argv: list[str] | None = None) -> None:
     from chemlit.cli import quiet_known_noise
 
     quiet_known_noise()
-    if args.command == "throughput":
+    if args.command == "ablations":
+        print(sft_ablations(Path(args.runs), Path(args.out), Path(args.configs), args.table, args.minutes,
+                            args.variants))
+    elif args.command == "throughput":
         from chemlit.bench.throughput import run
 
         summary = run(Path(args.out), Path(args.trl_dir), iterations=args.iterations)

@@ -29,12 +29,25 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from chemlit.data.prompts import ANSWER_MARKER, render_completion, render_prompt
-from chemlit.data.rationale import write_rationale
-from chemlit.data.records import ColumnMap, OnInvalid, Record, Skipped, read_table
+from chemlit.data.analogues import REFERENCE_FILE, Analogue, ReferenceSet
+from chemlit.data.files import write_csv
+from chemlit.data.prompts import (
+    ANSWER_MARKER,
+    analogue_sentence,
+    render_completion,
+    render_prompt,
+)
+from chemlit.data.rationale import RationaleStyle, write_rationale
+from chemlit.data.records import (
+    ColumnMap,
+    OnInvalid,
+    Record,
+    Skipped,
+    randomized_smiles,
+    read_table,
+)
 from chemlit.data.sources import ensure_melting_points
 from chemlit.data.splits import SplitKind, make_split, read_split, write_split
-from chemlit.data.files import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +118,13 @@ class RationaleDataModule(L.LightningDataModule):
         stage: Stage = "sft",
         split: SplitKind = "random",
         split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+        holdout_source: Optional[str] = None,
         split_file: Optional[str] = None,
         seed: int = 0,
         max_molecules: Optional[int] = None,
         use_rationale: bool = True,
+        rationale_style: RationaleStyle = "full",
+        analogues: int = 0,
         cpt_replay_ratio: float = 0.0,
         batch_size: int = 32,
         eval_batch_size: int = 64,
@@ -129,13 +145,22 @@ class RationaleDataModule(L.LightningDataModule):
             duplicate_tolerance_c: duplicates of a molecule whose values differ by more than this
                 (°C) are a conflict; closer ones are merged into their mean.
             stage: what batches hold: cpt (packed text), sft (prompt+completion), rl (prompts+targets).
-            split: "random" or "scaffold" (Bemis-Murcko groups never cross splits).
-            split_fractions: train, val, test shares.
+            split: "random", "scaffold" (Bemis-Murcko groups never cross splits) or "source" (the
+                molecules of ``holdout_source`` are the test set: an out-of-source test).
+            split_fractions: train, val, test shares (split=source uses only the train:val ratio).
+            holdout_source: split=source only: the table's source whose molecules are tested on
+                ("wikidata" in the built-in table; a ``source`` column in your own).
             split_file: a splits.csv from an earlier run; overrides split/split_fractions/seed so every
                 stage sees the same molecules. Molecules not in the file are left out.
             seed: seed of the split, of subsampling and of the training order (a shuffle per epoch).
             max_molecules: use a seeded random subset of this many molecules (quick runs, tests).
             use_rationale: False trains the answer straight after the prompt (the rationale ablation).
+            rationale_style: how rows without their own rationale get one written: "full" sentences
+                with each fact's effect, or "compact" counts and names (fewer tokens per molecule).
+            analogues: put the k most similar training molecules (Morgan fingerprints, Tanimoto) with
+                their measured values in every prompt, and their weighted mean in the rationale; 0 =
+                off. Retrieved from the training split only, never a molecule's own row; a model
+                trained with them carries that reference set in its export for ``predict``.
             cpt_replay_ratio: SFT only: add this many CPT texts per SFT example to the training set
                 (loss on all their tokens), the replay remedy against forgetting CPT knowledge.
             batch_size: training batch size.
@@ -157,10 +182,17 @@ class RationaleDataModule(L.LightningDataModule):
         self.stage = stage
         self.split = split
         self.split_fractions = tuple(split_fractions)
+        self.holdout_source = holdout_source
         self.split_file = split_file
         self.seed = seed
         self.max_molecules = max_molecules
         self.use_rationale = use_rationale
+        self.rationale_style = rationale_style
+        if analogues < 0:
+            raise ValueError(f"data.analogues must be >= 0, got {analogues}")
+        self.analogues = analogues
+        self.reference: Optional[ReferenceSet] = None  # built from the training split, or an export's
+        self._analogues: dict[str, list[Analogue]] = {}
         if cpt_replay_ratio < 0:
             raise ValueError(f"data.cpt_replay_ratio must be >= 0, got {cpt_replay_ratio}")
         self.cpt_replay_ratio = cpt_replay_ratio
@@ -206,7 +238,9 @@ class RationaleDataModule(L.LightningDataModule):
             if missing:
                 log.warning("%d molecules of %s are not in the table", missing, self.split_file)
         else:
-            assignment = make_split(list(by_smiles), self.split, self.split_fractions, self.seed)
+            assignment = make_split(list(by_smiles), self.split, self.split_fractions, self.seed,
+                                    sources={s: r.source for s, r in by_smiles.items()},
+                                    holdout_source=self.holdout_source)
         self.records = {name: [] for name in ("train", "val", "test")}
         for smiles in sorted(by_smiles):
             if smiles in assignment:
@@ -245,13 +279,47 @@ class RationaleDataModule(L.LightningDataModule):
         if record.rationale:
             return record.rationale
         if record.smiles not in self._rationales:
-            self._rationales[record.smiles] = write_rationale(record.smiles)
+            self._rationales[record.smiles] = write_rationale(record.smiles, self.rationale_style)
         return self._rationales[record.smiles]
+
+    def reference_set(self) -> ReferenceSet:
+        """The molecules analogues are retrieved from: the training split's, unless a stage handed
+        in the one its model was trained with (``use_reference``)."""
+        if self.reference is None:
+            reference = ReferenceSet.from_records(self.records.get("train", []))
+            if not len(reference):
+                raise ValueError(f"data.analogues={self.analogues}: {self.table} has no measured molecule in its "
+                                 f"training split to retrieve analogues from; predict with a model whose export "
+                                 f"carries its reference set ({REFERENCE_FILE})")
+            self.reference = reference
+        return self.reference
+
+    def use_reference(self, reference: ReferenceSet) -> None:
+        """Retrieve from ``reference`` (an export's) from now on."""
+        self.reference, self._analogues = reference, {}
+
+    def analogues_of(self, smiles: str) -> list[Analogue]:
+        if smiles not in self._analogues:
+            self._analogues[smiles] = self.reference_set().neighbours(smiles, self.analogues)
+        return self._analogues[smiles]
 
     def example(self, record: Record) -> Example:
         rationale = self.rationale(record) if self.use_rationale else None
-        return Example(record.smiles, render_prompt(record.smiles), render_completion(rationale, record.target),
-                       record.target, record.name)
+        analogues = self.analogues_of(record.smiles) if self.analogues else None
+        if analogues and rationale is not None:
+            rationale = f"{rationale} {analogue_sentence(analogues, compact=self.rationale_style == 'compact')}"
+        return Example(record.smiles, render_prompt(record.smiles, analogues),
+                       render_completion(rationale, record.target), record.target, record.name)
+
+    def variant_prompts(self, smiles: list[str], variant: int) -> dict:
+        """Left-padded prompts for the same molecules written as randomised SMILES number ``variant``
+        (0 = canonical; analogues are the molecule's own whatever its spelling): what decoding over
+        several SMILES of a molecule answers for. -> {"prompt_ids", "prompt_mask"}."""
+        tok = self._require_tokenizer()
+        prompts = [[tok.bos_token_id] + self._encode(render_prompt(
+            randomized_smiles(s, variant), self.analogues_of(s) if self.analogues else None)) for s in smiles]
+        return {"prompt_ids": pad_left(prompts, tok.pad_token_id, self.pad_to_multiple_of),
+                "prompt_mask": pad_left([[1] * len(p) for p in prompts], 0, self.pad_to_multiple_of)}
 
     def examples(self, split: str) -> list[Example]:
         return [self.example(r) for r in self.records[split]]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from typing import Optional
 
 ANSWER_MARKER = "##Prediction:"
@@ -28,9 +29,31 @@ NO_NUMBER = None
 PLAUSIBLE_RANGE_C = (-273.15, 2000.0)
 
 
-def render_prompt(smiles: str) -> str:
-    """The part the model is given: molecule and question, ending where the rationale starts."""
-    return f"Molecule: {smiles}\nQuestion: {QUESTION}\nRationale:"
+def render_prompt(smiles: str, analogues: Optional[Sequence] = None) -> str:
+    """The part the model is given: molecule and question, ending where the rationale starts.
+
+    With ``analogues`` (``chemlit.data.analogues.Analogue``: the most similar training molecules),
+    a line after the molecule gives their similarity and measured value, most similar first:
+    ``Analogues (similarity, °C): 0.82 121; 0.75 95; 0.61 80``.
+    """
+    lines = [f"Molecule: {smiles}"]
+    if analogues:
+        lines.append("Analogues (similarity, °C): " + "; ".join(
+            f"{a.similarity:.2f} {format_value(a.value)}" for a in analogues))
+    return "\n".join(lines + [f"Question: {QUESTION}", "Rationale:"])
+
+
+def analogue_sentence(analogues: Sequence, compact: bool = False) -> str:
+    """What the rationale says about the analogues: the closest one and the similarity-weighted mean."""
+    weights = [max(a.similarity, 0.0) for a in analogues]
+    total = sum(weights)
+    mean = (sum(w * a.value for w, a in zip(weights, analogues)) / total if total > 0
+            else sum(a.value for a in analogues) / len(analogues))
+    closest = analogues[0]
+    if compact:
+        return f"analogues mean {format_value(mean)}, closest {closest.similarity:.2f} at {format_value(closest.value)}."
+    return (f"Analogues: the closest (similarity {closest.similarity:.2f}) melts at {format_value(closest.value)} °C; "
+            f"weighted by similarity they average {format_value(mean)} °C.")
 
 
 def answer_prefix(token_ids: list[int], marker_ids: list[int]) -> Optional[list[int]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,3 +258,19 @@ def read_table(path: str | Path, columns: Optional[ColumnMap] = None, on_invalid
     if not records:
         raise DataError(f"{path}: no valid rows left ({len(skipped)} skipped)")
     return records, skipped
+
+
+def randomized_smiles(smiles: str, seed: int) -> str:
+    """Another valid SMILES of the same molecule: its atoms renumbered by a permutation drawn from
+    ``seed``, written without canonical ordering. The same (smiles, seed) always gives the same text;
+    seed 0 gives the canonical SMILES."""
+    mol = Chem.MolFromSmiles(smiles)
+    if mol is None:
+        raise ValueError(f"invalid SMILES {smiles!r}")
+    canonical = Chem.MolToSmiles(mol)
+    if seed == 0:
+        return canonical
+    mol = Chem.MolFromSmiles(canonical)  # atoms in canonical order: the input's spelling does not matter
+    order = list(range(mol.GetNumAtoms()))
+    random.Random(f"{canonical}|{seed}").shuffle(order)
+    return Chem.MolToSmiles(Chem.RenumberAtoms(mol, order), canonical=False)

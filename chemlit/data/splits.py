@@ -1,4 +1,4 @@
-"""Seeded random and Murcko-scaffold splits, written to and read from the run directory.
+"""Seeded random, Murcko-scaffold and out-of-source splits, written to and read from the run directory.
 
 A split file is a CSV with columns ``smiles,split`` (``train`` / ``val`` / ``test``). Later stages
 and evaluation read it back (``data.split_file``) so that every stage sees exactly the same
@@ -17,7 +17,7 @@ from typing import Literal
 from rdkit import Chem
 from rdkit.Chem.Scaffolds import MurckoScaffold
 
-SplitKind = Literal["random", "scaffold"]
+SplitKind = Literal["random", "scaffold", "source"]
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -70,13 +70,42 @@ def scaffold_split(smiles: Sequence[str], fractions: Sequence[float] = (0.8, 0.1
     return assignment
 
 
-def make_split(smiles: Sequence[str], kind: SplitKind, fractions: Sequence[float], seed: int) -> dict[str, str]:
+def source_split(sources: dict[str, str], holdout: str, fractions: Sequence[float] = (0.8, 0.1, 0.1),
+                 seed: int = 0) -> dict[str, str]:
+    """Out-of-source: every molecule whose source is ``holdout`` is test; the others are dealt to
+    train and val in the ratio of ``fractions``' first two shares (its test share is not used).
+
+    ``sources``: {smiles: source}. In the built-in table a molecule has one source (Wikidata rows
+    are the molecules the Open Notebook set lacks), so holdout="wikidata" trains on Open Notebook
+    and tests on the molecules only Wikidata has.
+    """
+    test = sorted(s for s, source in sources.items() if source == holdout)
+    if not test:
+        found = sorted(set(sources.values()))
+        raise ValueError(f"split=source: no molecule comes from {holdout!r}; sources in the table: {found}")
+    rest = sorted(s for s, source in sources.items() if source != holdout)
+    if not rest:
+        raise ValueError(f"split=source: every molecule comes from {holdout!r}; nothing is left to train on")
+    train_share, val_share = fractions[0], fractions[1]
+    n_val = int(round(len(rest) * val_share / max(train_share + val_share, 1e-12)))
+    random.Random(seed).shuffle(rest)
+    assignment = {s: "test" for s in test}
+    assignment.update({s: "val" for s in rest[:n_val]})
+    assignment.update({s: "train" for s in rest[n_val:]})
+    return assignment
+
+
+def make_split(smiles: Sequence[str], kind: SplitKind, fractions: Sequence[float], seed: int,
+               sources: dict[str, str] | None = None, holdout_source: str | None = None) -> dict[str, str]:
     if kind == "random":
         return random_split(smiles, fractions, seed)
     if kind == "scaffold":
         return scaffold_split(smiles, fractions, seed)
-    raise ValueError(f"unknown split kind {kind!r} (use 'random' or 'scaffold')")
-
+    if kind == "source":
+        if not holdout_source:
+            raise ValueError("split=source needs data.holdout_source: the source whose molecules are the test set")
+        return source_split({s: (sources or {}).get(s, "") for s in smiles}, holdout_source, fractions, seed)
+    raise ValueError(f"unknown split kind {kind!r} (use 'random', 'scaffold' or 'source')")
 
 def write_split(assignment: dict[str, str], path: str | Path) -> Path:
     """Write ``smiles,split`` whole or not at all."""

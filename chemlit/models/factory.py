@@ -287,8 +287,9 @@ def plain_model(model, spec: ModelSpec) -> PreTrainedModel:
 
 
 def export_model(model: PreTrainedModel, tokenizer, directory: str | Path, info: dict,
-                 spec: Optional[ModelSpec] = None) -> Path:
-    """Write model (safetensors) + tokenizer + ``chemlit_export.json``, whole or not at all."""
+                 spec: Optional[ModelSpec] = None, extra_files: Optional[dict[str, str]] = None) -> Path:
+    """Write model (safetensors) + tokenizer + ``chemlit_export.json`` (+ ``extra_files``: name -> text),
+    whole or not at all."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
     if tmp.exists():
@@ -299,6 +300,8 @@ def export_model(model: PreTrainedModel, tokenizer, directory: str | Path, info:
         # The adapter alone too, for `PeftModel.from_pretrained(base, export/"adapter")`.
         model.save_pretrained(tmp / "adapter", safe_serialization=True)
     (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
     if directory.exists():
         old = directory.with_name(directory.name + f".old{os.getpid()}")
         directory.rename(old)

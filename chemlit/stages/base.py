@@ -3,6 +3,7 @@ saving the tokenizer in checkpoints, and exporting a Hugging Face directory when
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -18,10 +19,11 @@ from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_only
 from tokenizers import Tokenizer
 
+from chemlit.data.analogues import REFERENCE_FILE, ReferenceSet
 from chemlit.data.datamodule import IGNORE_INDEX
 from chemlit.data.records import ColumnMap
 from chemlit.data.tokenizer import wrap_tokenizer
-from chemlit.models.factory import CPTLora, LoraSpec, ModelSpec, SFTLora, TinyConfig, export_model, load_model_and_tokenizer
+from chemlit.models.factory import EXPORT_INFO, CPTLora, LoraSpec, ModelSpec, SFTLora, TinyConfig, export_model, load_model_and_tokenizer
 from chemlit.eval.bootstrap import bootstrap_mae
 from chemlit.eval.metrics import PredictionMetrics
 from chemlit.eval.plots import parity_figure
@@ -144,6 +146,25 @@ class StageModule(L.LightningModule):
             log.info("%s model: %.2fM parameters, %.2fM trainable", self.stage_name,
                      sum(p.numel() for p in self.model.parameters()) / 1e6, trainable / 1e6)
         datamodule.tokenizer = self.tokenizer
+        self.hand_over_reference_set(datamodule)
+
+    def hand_over_reference_set(self, datamodule) -> None:
+        """A model trained with analogues retrieves them from the reference set in its export (the
+        molecules it was trained with), in every later stage and in ``predict``; its prompts carry
+        as many analogues as it was trained with, whatever ``data.analogues`` says."""
+        if not hasattr(datamodule, "analogues") or self.model_spec.source == "tiny" or not self.model_spec.path:
+            return
+        saved = Path(self.model_spec.path) / REFERENCE_FILE
+        if not saved.is_file():
+            return
+        trained_with = json.loads((Path(self.model_spec.path) / EXPORT_INFO).read_text()).get("analogues", 0)
+        if trained_with and datamodule.analogues != trained_with:
+            log.warning("%s was trained with %d analogues per prompt: using %d, not data.analogues=%d",
+                        self.model_spec.path, trained_with, trained_with, datamodule.analogues)
+            datamodule.analogues = trained_with
+        datamodule.use_reference(ReferenceSet.load(saved))
+        log.info("analogues: %d per prompt, retrieved from %s (%d molecules)", datamodule.analogues, saved,
+                 len(datamodule.reference))
 
     def on_train_start(self) -> None:
         load_pending_loader_state(self.trainer)
@@ -152,13 +173,27 @@ class StageModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A from-scratch tokenizer is trained on the split; keep it with the weights it belongs to.
         checkpoint["chemlit_tokenizer"] = self.tokenizer.backend_tokenizer.to_str()
+        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        if getattr(datamodule, "analogues", 0):  # predict from a checkpoint retrieves from the same molecules
+            checkpoint["chemlit_reference_set"] = datamodule.reference_set().to_json()
+            checkpoint["chemlit_analogues"] = datamodule.analogues
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         reopen_cut_epoch(checkpoint)
         if "chemlit_tokenizer" in checkpoint and self.model_spec.source == "tiny":
             self.tokenizer = wrap_tokenizer(Tokenizer.from_str(checkpoint["chemlit_tokenizer"]))
+            if self.model is not None and self.model.get_input_embeddings().num_embeddings != len(self.tokenizer):
+                # setup() built the network for a tokenizer trained on this run's table (predict on a table of
+                # new molecules gets a smaller vocabulary): give it the checkpoint's size before its weights load.
+                self.model.resize_token_embeddings(len(self.tokenizer))
             if self.trainer is not None and self.trainer.datamodule is not None:
                 self.trainer.datamodule.tokenizer = self.tokenizer
+        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        if "chemlit_reference_set" in checkpoint and hasattr(datamodule, "analogues"):
+            datamodule.analogues = checkpoint["chemlit_analogues"]  # prompts as the model was trained with
+            datamodule.use_reference(ReferenceSet.from_json(checkpoint["chemlit_reference_set"]))
+            log.info("analogues: %d per prompt, retrieved from the checkpoint's reference set (%d molecules)",
+                     datamodule.analogues, len(datamodule.reference))
 
     # ------------------------------------------------------------------ answering
     @torch.no_grad()
@@ -237,7 +272,7 @@ class StageModule(L.LightningModule):
                 "base_path": self.model_spec.path, "table": str(datamodule.table),
                 "split_file": str(datamodule.split_file or datamodule.output_dir() / "splits.csv"),
                 "lora": None if self.lora is None or not self.lora.enabled else vars(self.lora),
-                "global_step": self.global_step}
+                "analogues": getattr(datamodule, "analogues", 0), "global_step": self.global_step}
 
     # ------------------------------------------------------------------ Ctrl-C and SIGTERM: stop cleanly, resumable
     def catch_stop_signals(self) -> None:
@@ -279,7 +314,11 @@ class StageModule(L.LightningModule):
         if self.stop_signal is not None:  # an export means "stage done" to the pipeline: not after a stop
             print("chemlit: stopped by a signal: no export", file=sys.stderr)
             return
-        path = export_model(self.model, self.tokenizer, self.export_path(), self.export_info(), self.model_spec)
+        datamodule = self.trainer.datamodule
+        extra = ({REFERENCE_FILE: datamodule.reference_set().to_json()} if getattr(datamodule, "analogues", 0)
+                 else None)
+        path = export_model(self.model, self.tokenizer, self.export_path(), self.export_info(), self.model_spec,
+                            extra_files=extra)
         log.info("Exported the %s model to %s", self.stage_name, path)
         print(f"chemlit: exported the {self.stage_name} model to {path}")
 

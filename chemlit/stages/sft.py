@@ -43,6 +43,7 @@ class SFTModule(AnsweringStage):
         answer_samples: int = 8,
         val_decoding: Decoding = "greedy",
         interval: tuple[float, float] = (0.1, 0.9),
+        smiles_variants: int = 1,
     ):
         """
         Args:
@@ -62,6 +63,10 @@ class SFTModule(AnsweringStage):
                 to predictions.csv (decoding=median); (0.1, 0.9) = the 10th-90th percentile.
             temperature: sampling temperature when decoding=sample or median.
             answer_samples: numbers sampled per molecule when decoding=median (also for the interval).
+            smiles_variants: decoding=median: answer for this many SMILES of each molecule (the
+                canonical one and randomised ones: renumbered atoms), each with its own greedy
+                rationale and answer_samples numbers, and take the median of all of them. 1 = the
+                canonical SMILES only; n costs n times the answering time.
             max_new_tokens: longest generated rationale + answer.
             val_generate_limit: generate for only the first N validation molecules each epoch
                 (generation is the slow part); None = all. Test always uses all.
@@ -84,6 +89,9 @@ class SFTModule(AnsweringStage):
             raise ValueError(f"interval must be two quantiles 0 <= low < high <= 1, got {interval}")
         self.interval = (float(interval[0]), float(interval[1]))
         self.answer_samples = answer_samples
+        if smiles_variants < 1:
+            raise ValueError(f"smiles_variants must be >= 1, got {smiles_variants}")
+        self.smiles_variants = smiles_variants
         self.temperature = temperature
         self.max_new_tokens = max_new_tokens
         self.val_generate_limit = val_generate_limit
@@ -117,10 +125,10 @@ class SFTModule(AnsweringStage):
         return self.write_answers(prompt_ids, prompt_mask, self.max_new_tokens, self.temperature if sample else None)
 
     @torch.no_grad()
-    def median_numbers(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, answers: torch.Tensor,
-                       fallback: list[Optional[float]]) -> tuple[list[Optional[float]], list[tuple[float, float]]]:
-        """Median of ``answer_samples`` numbers sampled after each answer's own "##Prediction:", and their
-        ``interval`` quantiles ((nan, nan) where no sample parsed).
+    def sampled_numbers(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, answers: torch.Tensor
+                        ) -> list[list[float]]:
+        """For each molecule, the numbers parsed from ``answer_samples`` answer lines sampled after its
+        greedy answer's own "##Prediction:" ([] where the greedy answer has no marker).
 
         answers: (B, T) the greedy answers' ids."""
         marker = self.tokenizer.encode(ANSWER_MARKER, add_special_tokens=False)
@@ -131,10 +139,9 @@ class SFTModule(AnsweringStage):
             if written is not None:
                 prefixes.append(prompt_ids[b][prompt_mask[b].bool()].tolist() + written)
                 rows.append(b)
-        values = list(fallback)
-        intervals = [(math.nan, math.nan)] * len(values)
+        numbers: list[list[float]] = [[] for _ in range(answers.size(0))]
         if not rows:
-            return values, intervals
+            return numbers
         pad = self.tokenizer.pad_token_id
         ids = pad_left(prefixes, pad, None).to(answers.device)
         mask = pad_left([[1] * len(p) for p in prefixes], 0, None).to(answers.device)
@@ -142,10 +149,17 @@ class SFTModule(AnsweringStage):
         sampled = self.decode(ids, mask, K, 8, self.temperature)  # (rows * K, <= 8)
         texts = self.tokenizer.batch_decode(sampled, skip_special_tokens=True)
         for j, b in enumerate(rows):
-            numbers = [parse_prediction(ANSWER_MARKER + t) for t in texts[j * K:(j + 1) * K]]
-            numbers = [n for n in numbers if n is not None]
-            if numbers:
-                median, low, high = np.quantile(np.array(numbers, dtype=float), [0.5, *self.interval])
+            parsed = [parse_prediction(ANSWER_MARKER + t) for t in texts[j * K:(j + 1) * K]]
+            numbers[b] = [n for n in parsed if n is not None]
+        return numbers
+
+    def median_and_interval(self, numbers: list[list[float]], fallback: list[Optional[float]]
+                            ) -> tuple[list[Optional[float]], list[tuple[float, float]]]:
+        """Each molecule's median number and ``interval`` quantiles; ``fallback`` and (nan, nan) where none."""
+        values, intervals = list(fallback), [(math.nan, math.nan)] * len(fallback)
+        for b, found in enumerate(numbers):
+            if found:
+                median, low, high = np.quantile(np.array(found, dtype=float), [0.5, *self.interval])
                 values[b], intervals[b] = float(median), (float(low), float(high))
         return values, intervals
 
@@ -155,7 +169,14 @@ class SFTModule(AnsweringStage):
         values = [parse_prediction(t) for t in texts]
         intervals = [(math.nan, math.nan)] * len(values)
         if self.current_decoding() == "median":
-            values, intervals = self.median_numbers(batch["prompt_ids"], batch["prompt_mask"], answers, values)
+            numbers = self.sampled_numbers(batch["prompt_ids"], batch["prompt_mask"], answers)
+            for variant in range(1, self.smiles_variants):  # the same molecules, other SMILES: pool the numbers
+                prompts = self.trainer.datamodule.variant_prompts(batch["smiles"], variant)
+                ids, mask = prompts["prompt_ids"].to(self.device), prompts["prompt_mask"].to(self.device)
+                variant_answers, _ = self.generate(ids, mask)
+                for pooled, more in zip(numbers, self.sampled_numbers(ids, mask, variant_answers)):
+                    pooled.extend(more)
+            values, intervals = self.median_and_interval(numbers, values)
         return texts, self.as_tensor(values), intervals
 
     def answer_batch(self, batch: dict) -> tuple[list[str], torch.Tensor]:
