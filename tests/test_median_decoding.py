@@ -34,23 +34,25 @@ def test_median_of_sampled_numbers_after_the_marker(monkeypatch):
     def fake_decode(model, prefix_ids, prefix_mask, repeats, max_new_tokens, eos_token_id, pad_token_id,
                     temperature):
         seen.update(prefix_ids=prefix_ids, repeats=repeats, temperature=temperature)
-        continuations = [" 90", " 300", " 120"]  # median 120 for the one row with a marker
+        continuations = [" 90", " 300", " 120", " 50", " 60", "no number"]  # 3 samples for each of the 2 rows
         tails = [tokenizer.encode(c) + [tokenizer.eos_token_id] for c in continuations]
         w = max(map(len, tails))
         return torch.tensor([t + [tokenizer.pad_token_id] * (w - len(t)) for t in tails])
 
     monkeypatch.setattr("chemlit.stages.base.decode_after_prefix", fake_decode)
     numbers = module.sampled_numbers(prompt_ids, prompt_mask, out)
-    assert numbers == [[90.0, 300.0, 120.0], []]
-    values, intervals = module.median_and_interval(numbers, fallback=[100.0, None])
-    assert values == [120.0, None]  # the row without a marker keeps its greedy value
+    assert numbers == [[90.0, 300.0, 120.0], [50.0, 60.0]]
+    values, intervals = module.median_and_interval(numbers + [[]], fallback=[100.0, None, 7.0])
+    assert values == [120.0, 55.0, 7.0]  # a molecule without any number keeps its greedy value
     # the 10th-90th percentile of the samples 90, 300, 120 (linear interpolation); none without samples
     assert intervals[0] == pytest.approx((90 + 0.2 * 30, 120 + 0.8 * 180))
-    assert all(math.isnan(x) for x in intervals[1])
-    # the samples continue the model's own rationale, right after its answer marker: one prefix, 3 samples
-    prefix = tokenizer.decode(seen["prefix_ids"][0])
-    assert prefix.endswith(ANSWER_MARKER) and "small." in prefix
-    assert seen["prefix_ids"].size(0) == 1 and seen["repeats"] == 3
+    assert all(math.isnan(x) for x in intervals[2])
+    # the samples continue the model's own rationale, right after its answer marker; a rationale without
+    # one (here, or a malformed "##Prediction 30") gets the marker appended, as in PPO's rollout
+    first, second = (tokenizer.decode(row[row != tokenizer.pad_token_id]) for row in seen["prefix_ids"])
+    assert first.endswith(ANSWER_MARKER) and "small." in first
+    assert second.endswith("small, no answer\n" + ANSWER_MARKER)
+    assert seen["prefix_ids"].size(0) == 2 and seen["repeats"] == 3
     assert seen["temperature"] == module.temperature  # plain sampling at the configured temperature
 
 

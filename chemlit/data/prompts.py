@@ -67,6 +67,14 @@ def answer_prefix(token_ids: list[int], marker_ids: list[int]) -> Optional[list[
     return None
 
 
+def answer_line_prefix(token_ids: list[int], marker_ids: list[int], newline_marker_ids: list[int]) -> list[int]:
+    """What a model wrote up to its answer marker, where the number goes next: cut after the last
+    marker, or, when the marker is missing or malformed ("##Prediction 30", a rationale cut by the
+    token limit), everything written with "\n##Prediction:" appended. PPO samples its answer lines
+    after this prefix, and median decoding its numbers, so every molecule gets an answer."""
+    return answer_prefix(token_ids, marker_ids) or token_ids + newline_marker_ids
+
+
 def format_value(value: float) -> str:
     """Targets are written as whole degrees: the measurement error of melting points is larger."""
     rounded = int(round(value))

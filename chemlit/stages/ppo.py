@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from chemlit.data.datamodule import pad_left
-from chemlit.data.prompts import ANSWER_MARKER, answer_prefix, parse_prediction
+from chemlit.data.prompts import ANSWER_MARKER, answer_line_prefix, parse_prediction
 from chemlit.models.factory import LoraSpec, ModelSpec
 from chemlit.models.shared_prefix import forward_plain, forward_with_shared_prefix
 from chemlit.models.value_head import ValueHead, disable_dropout
@@ -343,7 +343,7 @@ class PPOModule(AnsweringStage):
         prefixes, texts = [], []
         for b in range(written.size(0)):
             tokens = [t for t in written[b].tolist() if t not in (pad, eos)]
-            tokens = answer_prefix(tokens, marker) or tokens + newline_marker
+            tokens = answer_line_prefix(tokens, marker, newline_marker)
             prefixes.append(prompt_ids[b][prompt_mask[b].bool()].tolist() + tokens)
             texts.append(self.tokenizer.decode(tokens, skip_special_tokens=True))
         ids = pad_left(prefixes, pad, None).to(prompt_ids.device)

@@ -13,7 +13,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from chemlit.data.prompts import ANSWER_MARKER, answer_prefix, parse_prediction
+from chemlit.data.prompts import ANSWER_MARKER, answer_line_prefix, parse_prediction
 from chemlit.data.datamodule import IGNORE_INDEX, pad_left
 from chemlit.data.files import write_csv
 from chemlit.models.factory import CPTLora, ModelSpec, SFTLora
@@ -128,21 +128,22 @@ class SFTModule(AnsweringStage):
     def sampled_numbers(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, answers: torch.Tensor
                         ) -> list[list[float]]:
         """For each molecule, the numbers parsed from ``answer_samples`` answer lines sampled after its
-        greedy answer's own "##Prediction:" ([] where the greedy answer has no marker).
+        greedy answer's own "##Prediction:" -- or, where the greedy answer has none (malformed, or cut
+        by max_new_tokens), after its whole text with "\n##Prediction:" appended, as PPO's rollout does.
 
         answers: (B, T) the greedy answers' ids."""
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         marker = self.tokenizer.encode(ANSWER_MARKER, add_special_tokens=False)
+        newline_marker = self.tokenizer.encode("\n" + ANSWER_MARKER, add_special_tokens=False)
         K = self.answer_samples
-        prefixes, rows = [], []
-        for b in range(answers.size(0)):
-            written = answer_prefix(answers[b].tolist(), marker)  # the rationale up to its answer marker
-            if written is not None:
-                prefixes.append(prompt_ids[b][prompt_mask[b].bool()].tolist() + written)
-                rows.append(b)
-        numbers: list[list[float]] = [[] for _ in range(answers.size(0))]
+        prefixes, rows = [], list(range(answers.size(0)))
+        for b in rows:
+            written = answer_line_prefix([t for t in answers[b].tolist() if t not in (pad, eos)], marker,
+                                         newline_marker)
+            prefixes.append(prompt_ids[b][prompt_mask[b].bool()].tolist() + written)
+        numbers: list[list[float]] = [[] for _ in rows]
         if not rows:
             return numbers
-        pad = self.tokenizer.pad_token_id
         ids = pad_left(prefixes, pad, None).to(answers.device)
         mask = pad_left([[1] * len(p) for p in prefixes], 0, None).to(answers.device)
         # The K samples of a molecule share its rationale: computed once, its keys and values read once.
