@@ -294,9 +294,11 @@ class RationaleDataModule(L.LightningDataModule):
             self.reference = reference
         return self.reference
 
-    def use_reference(self, reference: ReferenceSet) -> None:
-        """Retrieve from ``reference`` (an export's) from now on."""
-        self.reference, self._analogues = reference, {}
+    def use_reference(self, reference: ReferenceSet, analogues: int, where: str) -> None:
+        """Retrieve ``analogues`` per prompt from ``reference`` (the set a model was trained with, read
+        from ``where``: its export or checkpoint) from now on."""
+        self.reference, self.analogues, self._analogues = reference, analogues, {}
+        log.info("analogues: %d per prompt, retrieved from %s (%d molecules)", analogues, where, len(reference))
 
     def analogues_of(self, smiles: str) -> list[Analogue]:
         if smiles not in self._analogues:

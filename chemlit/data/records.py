@@ -264,10 +264,7 @@ def randomized_smiles(smiles: str, seed: int) -> str:
     """Another valid SMILES of the same molecule: its atoms renumbered by a permutation drawn from
     ``seed``, written without canonical ordering. The same (smiles, seed) always gives the same text;
     seed 0 gives the canonical SMILES."""
-    mol = Chem.MolFromSmiles(smiles)
-    if mol is None:
-        raise ValueError(f"invalid SMILES {smiles!r}")
-    canonical = Chem.MolToSmiles(mol)
+    canonical = canonical_smiles(smiles)
     if seed == 0:
         return canonical
     mol = Chem.MolFromSmiles(canonical)  # atoms in canonical order: the input's spelling does not matter

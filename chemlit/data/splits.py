@@ -107,6 +107,7 @@ def make_split(smiles: Sequence[str], kind: SplitKind, fractions: Sequence[float
         return source_split({s: (sources or {}).get(s, "") for s in smiles}, holdout_source, fractions, seed)
     raise ValueError(f"unknown split kind {kind!r} (use 'random', 'scaffold' or 'source')")
 
+
 def write_split(assignment: dict[str, str], path: str | Path) -> Path:
     """Write ``smiles,split`` whole or not at all."""
     path = Path(path)

@@ -20,13 +20,23 @@ from lightning.pytorch.utilities import rank_zero_only
 from tokenizers import Tokenizer
 
 from chemlit.data.analogues import REFERENCE_FILE, ReferenceSet
-from chemlit.data.datamodule import IGNORE_INDEX
+from chemlit.data.datamodule import IGNORE_INDEX, pad_left
+from chemlit.data.prompts import ANSWER_MARKER, answer_line_prefix
 from chemlit.data.records import ColumnMap
 from chemlit.data.tokenizer import wrap_tokenizer
-from chemlit.models.factory import EXPORT_INFO, CPTLora, LoraSpec, ModelSpec, SFTLora, TinyConfig, export_model, load_model_and_tokenizer
 from chemlit.eval.bootstrap import bootstrap_mae
 from chemlit.eval.metrics import PredictionMetrics
 from chemlit.eval.plots import parity_figure
+from chemlit.models.factory import (
+    EXPORT_INFO,
+    CPTLora,
+    LoraSpec,
+    ModelSpec,
+    SFTLora,
+    TinyConfig,
+    export_model,
+    load_model_and_tokenizer,
+)
 from chemlit.models.shared_prefix import decode_after_prefix, generate_plain
 
 log = logging.getLogger(__name__)
@@ -161,10 +171,7 @@ class StageModule(L.LightningModule):
         if trained_with and datamodule.analogues != trained_with:
             log.warning("%s was trained with %d analogues per prompt: using %d, not data.analogues=%d",
                         self.model_spec.path, trained_with, trained_with, datamodule.analogues)
-            datamodule.analogues = trained_with
-        datamodule.use_reference(ReferenceSet.load(saved))
-        log.info("analogues: %d per prompt, retrieved from %s (%d molecules)", datamodule.analogues, saved,
-                 len(datamodule.reference))
+        datamodule.use_reference(ReferenceSet.load(saved), trained_with or datamodule.analogues, str(saved))
 
     def on_train_start(self) -> None:
         load_pending_loader_state(self.trainer)
@@ -189,11 +196,9 @@ class StageModule(L.LightningModule):
             if self.trainer is not None and self.trainer.datamodule is not None:
                 self.trainer.datamodule.tokenizer = self.tokenizer
         datamodule = self.trainer.datamodule if self.trainer is not None else None
-        if "chemlit_reference_set" in checkpoint and hasattr(datamodule, "analogues"):
-            datamodule.analogues = checkpoint["chemlit_analogues"]  # prompts as the model was trained with
-            datamodule.use_reference(ReferenceSet.from_json(checkpoint["chemlit_reference_set"]))
-            log.info("analogues: %d per prompt, retrieved from the checkpoint's reference set (%d molecules)",
-                     datamodule.analogues, len(datamodule.reference))
+        if "chemlit_reference_set" in checkpoint and hasattr(datamodule, "analogues"):  # prompts as it was trained
+            datamodule.use_reference(ReferenceSet.from_json(checkpoint["chemlit_reference_set"]),
+                                     checkpoint["chemlit_analogues"], "the checkpoint's reference set")
 
     # ------------------------------------------------------------------ answering
     @torch.no_grad()
@@ -217,6 +222,22 @@ class StageModule(L.LightningModule):
         test, predict and PPO's greedy rationales all decode this way."""
         ids = self.decode(prompt_ids, prompt_mask, 1, max_new_tokens, temperature)
         return ids, self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    def answer_line_prompts(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, written: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+        """Where each row's answer line is sampled: its prompt + what it wrote up to its answer marker (the
+        marker appended where it is missing or malformed: ``answer_line_prefix``), left-padded; and each
+        row's written part. ``written``: (B, T) ids that ``write_answers`` returned (padding and the end
+        token are dropped). PPO's rollout and median decoding both sample after these prefixes."""
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        marker = self.tokenizer.encode(ANSWER_MARKER, add_special_tokens=False)
+        newline_marker = self.tokenizer.encode("\n" + ANSWER_MARKER, add_special_tokens=False)
+        parts = [answer_line_prefix([t for t in row.tolist() if t not in (pad, eos)], marker, newline_marker)
+                 for row in written]
+        prefixes = [ids[mask.bool()].tolist() + part for ids, mask, part in zip(prompt_ids, prompt_mask, parts)]
+        ids = pad_left(prefixes, pad, None).to(written.device)
+        mask = pad_left([[1] * len(p) for p in prefixes], 0, None).to(written.device)
+        return ids, mask, parts
 
     def as_tensor(self, numbers: list[Optional[float]]) -> torch.Tensor:
         """Parsed numbers (None where an answer had none) as a tensor with NaN in their place."""

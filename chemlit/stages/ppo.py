@@ -36,16 +36,24 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from chemlit.data.datamodule import pad_left
-from chemlit.data.prompts import ANSWER_MARKER, answer_line_prefix, parse_prediction
+from chemlit.data.prompts import parse_prediction
 from chemlit.models.factory import LoraSpec, ModelSpec
 from chemlit.models.shared_prefix import forward_plain, forward_with_shared_prefix
 from chemlit.models.value_head import ValueHead, disable_dropout
 from chemlit.rl import ppo_math as pm
 from chemlit.rl.curriculum import Curriculum, CurriculumSpec
 from chemlit.rl.kl import KLController, KLSpec
-from chemlit.rl.rewards import RewardSpec, ScoredAnswers, normalize_scores, score_answers
-from chemlit.stages.base import AnsweringStage, allow_in_checkpoints, gradients_are_finite
+from chemlit.rl.rewards import (
+    RewardSpec,
+    ScoredAnswers,
+    normalize_scores,
+    score_answers,
+)
+from chemlit.stages.base import (
+    AnsweringStage,
+    allow_in_checkpoints,
+    gradients_are_finite,
+)
 
 log = logging.getLogger(__name__)
 
@@ -336,18 +344,9 @@ class PPOModule(AnsweringStage):
         rationale without one (cut by max_new_tokens, or ended early) gets the marker appended, so
         every sample answers.
         """
-        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         written, greedy_texts = self.write_answers(prompt_ids, prompt_mask, self.ppo.max_new_tokens)  # (G, T)
-        marker = self.tokenizer.encode(ANSWER_MARKER, add_special_tokens=False)
-        newline_marker = self.tokenizer.encode("\n" + ANSWER_MARKER, add_special_tokens=False)
-        prefixes, texts = [], []
-        for b in range(written.size(0)):
-            tokens = [t for t in written[b].tolist() if t not in (pad, eos)]
-            tokens = answer_line_prefix(tokens, marker, newline_marker)
-            prefixes.append(prompt_ids[b][prompt_mask[b].bool()].tolist() + tokens)
-            texts.append(self.tokenizer.decode(tokens, skip_special_tokens=True))
-        ids = pad_left(prefixes, pad, None).to(prompt_ids.device)
-        mask = pad_left([[1] * len(p) for p in prefixes], 0, None).to(prompt_ids.device)
+        ids, mask, parts = self.answer_line_prompts(prompt_ids, prompt_mask, written)
+        texts = [self.tokenizer.decode(part, skip_special_tokens=True) for part in parts]
         return ids, mask, texts, greedy_texts
 
     def score(self, rollout: Rollout) -> ScoredAnswers:

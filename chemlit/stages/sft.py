@@ -13,9 +13,9 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from chemlit.data.prompts import ANSWER_MARKER, answer_line_prefix, parse_prediction
-from chemlit.data.datamodule import IGNORE_INDEX, pad_left
+from chemlit.data.datamodule import IGNORE_INDEX
 from chemlit.data.files import write_csv
+from chemlit.data.prompts import ANSWER_MARKER, parse_prediction
 from chemlit.models.factory import CPTLora, ModelSpec, SFTLora
 from chemlit.stages.base import AnsweringStage, next_token_loss
 
@@ -132,26 +132,15 @@ class SFTModule(AnsweringStage):
         by max_new_tokens), after its whole text with "\n##Prediction:" appended, as PPO's rollout does.
 
         answers: (B, T) the greedy answers' ids."""
-        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        marker = self.tokenizer.encode(ANSWER_MARKER, add_special_tokens=False)
-        newline_marker = self.tokenizer.encode("\n" + ANSWER_MARKER, add_special_tokens=False)
         K = self.answer_samples
-        prefixes, rows = [], list(range(answers.size(0)))
-        for b in rows:
-            written = answer_line_prefix([t for t in answers[b].tolist() if t not in (pad, eos)], marker,
-                                         newline_marker)
-            prefixes.append(prompt_ids[b][prompt_mask[b].bool()].tolist() + written)
-        numbers: list[list[float]] = [[] for _ in rows]
-        if not rows:
-            return numbers
-        ids = pad_left(prefixes, pad, None).to(answers.device)
-        mask = pad_left([[1] * len(p) for p in prefixes], 0, None).to(answers.device)
+        ids, mask, _ = self.answer_line_prompts(prompt_ids, prompt_mask, answers)
         # The K samples of a molecule share its rationale: computed once, its keys and values read once.
-        sampled = self.decode(ids, mask, K, 8, self.temperature)  # (rows * K, <= 8)
+        sampled = self.decode(ids, mask, K, 8, self.temperature)  # (B * K, <= 8)
         texts = self.tokenizer.batch_decode(sampled, skip_special_tokens=True)
-        for j, b in enumerate(rows):
-            parsed = [parse_prediction(ANSWER_MARKER + t) for t in texts[j * K:(j + 1) * K]]
-            numbers[b] = [n for n in parsed if n is not None]
+        numbers = []
+        for b in range(answers.size(0)):
+            parsed = [parse_prediction(ANSWER_MARKER + t) for t in texts[b * K:(b + 1) * K]]
+            numbers.append([n for n in parsed if n is not None])
         return numbers
 
     def median_and_interval(self, numbers: list[list[float]], fallback: list[Optional[float]]
