@@ -31,6 +31,7 @@ from pathlib import Path
 
 from chemlit.cli import main as cli_main
 from chemlit.data.files import write_csv
+from chemlit.eval.baselines import GRADIENT_BOOSTING, RANDOM_FOREST
 from chemlit.pipeline import STAGES, stage_args, test_predictions
 
 SFT, PPO = "SFT (rationale, greedy)", "PPO (curriculum, greedy)"
@@ -99,7 +100,8 @@ def report(runs: Path, out: Path, configs: Path, table: str, long_ppo_minutes: i
     split = str(runs / "cpt" / "splits.csv")
     evaluated = evaluation_columns(predictions, split, table)
     pairs = [(PPO, SFT), (PPO_MEDIAN, SFT_MEDIAN), (PPO_STRICT, SFT), (PPO, PPO_STRICT), (SFT_MEDIAN, SFT),
-             (SFT, SFT_NO_RATIONALE), (PPO, "random forest on RDKit descriptors"), (SFT, "mean of training targets"),
+             (SFT, SFT_NO_RATIONALE), (PPO, RANDOM_FOREST), (PPO_MEDIAN, RANDOM_FOREST),
+             (PPO_MEDIAN, GRADIENT_BOOSTING), (SFT, "mean of training targets"),
              (SFT_MEDIAN, "mean of training targets")]
     if long_ppo_minutes:
         pairs.insert(1, (long_label, SFT))
@@ -138,6 +140,10 @@ SFT_VARIANTS = {
                                                                   "--data.analogues", "3"]),
     "sft-compact-replay": ("compact rationale + CPT replay 0.25", ["--data.rationale_style", "compact",
                                                                    "--data.cpt_replay_ratio", "0.25"]),
+    "sft-compact-estimate": ("compact rationale + descriptor estimate", ["--data.rationale_style", "compact",
+                                                                         "--data.descriptor_estimate", "true"]),
+    "sft-none-estimate": ("no rationale + descriptor estimate", ["--data.use_rationale", "false",
+                                                                 "--data.descriptor_estimate", "true"]),
 }
 
 
@@ -198,7 +204,9 @@ def sft_ablations(runs: Path, out: Path, configs: Path, table: str, minutes: int
     if "sft-none" in variants:  # does writing a rationale help the number?
         pairs += [(SFT_VARIANTS[name][0], SFT_VARIANTS["sft-none"][0]) for name in ("sft-full", "sft-compact")
                   if name in variants and name != variants[0]]
-    pairs += [(label, "random forest on RDKit descriptors") for label in labels]
+    pairs += [(label, RANDOM_FOREST) for label in labels]
+    # a model told the descriptor estimate, against the estimate alone: what the language model adds to it
+    pairs += [(SFT_VARIANTS[name][0], GRADIENT_BOOSTING) for name in variants if name.endswith("-estimate")]
     evaluated = evaluation_columns(predictions, str(split_file), table)
     command = (f"`python -m chemlit.bench ablations --runs {runs} --minutes {minutes} --variants "
                f"{' '.join(variants)}` after `python -m chemlit pipeline --runs {runs}`")

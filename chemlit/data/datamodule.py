@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from chemlit.data.analogues import REFERENCE_FILE, Analogue, ReferenceSet
+from chemlit.data.estimates import ESTIMATOR_FILE, DescriptorEstimator
 from chemlit.data.files import write_csv
 from chemlit.data.prompts import (
     ANSWER_MARKER,
@@ -125,6 +126,7 @@ class RationaleDataModule(L.LightningDataModule):
         use_rationale: bool = True,
         rationale_style: RationaleStyle = "full",
         analogues: int = 0,
+        descriptor_estimate: bool = False,
         cpt_replay_ratio: float = 0.0,
         batch_size: int = 32,
         eval_batch_size: int = 64,
@@ -161,6 +163,10 @@ class RationaleDataModule(L.LightningDataModule):
                 their measured values in every prompt, and their weighted mean in the rationale; 0 =
                 off. Retrieved from the training split only, never a molecule's own row; a model
                 trained with them carries that reference set in its export for ``predict``.
+            descriptor_estimate: put a gradient-boosting model's estimate (RDKit descriptors, fitted on
+                the training split; out-of-fold for training molecules, so never from a molecule's
+                own value) in every prompt. A model trained with it carries the estimator in its
+                export for ``predict`` (``chemlit.data.estimates``).
             cpt_replay_ratio: SFT only: add this many CPT texts per SFT example to the training set
                 (loss on all their tokens), the replay remedy against forgetting CPT knowledge.
             batch_size: training batch size.
@@ -193,6 +199,9 @@ class RationaleDataModule(L.LightningDataModule):
         self.analogues = analogues
         self.reference: Optional[ReferenceSet] = None  # built from the training split, or an export's
         self._analogues: dict[str, list[Analogue]] = {}
+        self.descriptor_estimate = descriptor_estimate
+        self.estimator: Optional[DescriptorEstimator] = None  # fitted on the training split, or an export's
+        self._estimates: dict[str, float] = {}
         if cpt_replay_ratio < 0:
             raise ValueError(f"data.cpt_replay_ratio must be >= 0, got {cpt_replay_ratio}")
         self.cpt_replay_ratio = cpt_replay_ratio
@@ -305,12 +314,46 @@ class RationaleDataModule(L.LightningDataModule):
             self._analogues[smiles] = self.reference_set().neighbours(smiles, self.analogues)
         return self._analogues[smiles]
 
+    def descriptor_estimator(self) -> DescriptorEstimator:
+        """The estimator of ``descriptor_estimate``: fitted on the training split, unless a stage handed
+        in the one its model was trained with (``use_estimator``)."""
+        if self.estimator is None:
+            train = [r for r in self.records.get("train", []) if r.target is not None]
+            if len(train) < 2:
+                raise ValueError(f"data.descriptor_estimate: {self.table} has {len(train)} measured molecules in its "
+                                 f"training split, too few to fit the estimator; predict with a model whose export "
+                                 f"carries it ({ESTIMATOR_FILE})")
+            log.info("descriptor estimate: fitting on %d training molecules (RDKit descriptors; out-of-fold "
+                     "estimates for them)", len(train))
+            self.estimator = DescriptorEstimator.from_records(train, seed=self.seed)
+        return self.estimator
+
+    def use_estimator(self, estimator: DescriptorEstimator, where: str) -> None:
+        """Prompts carry ``estimator``'s estimates (the one a model was trained with, read from ``where``)."""
+        self.estimator, self.descriptor_estimate, self._estimates = estimator, True, {}
+        log.info("descriptor estimate: from %s (%d training molecules)", where, len(estimator))
+
+    def estimate_of(self, smiles: str) -> float:
+        """The descriptor estimate in ``smiles``' prompt; the first call estimates every molecule of the
+        table at once (descriptors are computed in bulk)."""
+        if smiles not in self._estimates:
+            wanted = sorted({smiles} | {r.smiles for records in self.records.values() for r in records}
+                            - set(self._estimates))
+            self._estimates.update(zip(wanted, self.descriptor_estimator().estimate(wanted)))
+        return self._estimates[smiles]
+
+    def prompt(self, smiles: str, written_as: Optional[str] = None) -> str:
+        """The prompt of molecule ``smiles`` (canonical), its SMILES written as ``written_as`` if given."""
+        analogues = self.analogues_of(smiles) if self.analogues else None
+        estimate = self.estimate_of(smiles) if self.descriptor_estimate else None
+        return render_prompt(written_as or smiles, analogues, estimate)
+
     def example(self, record: Record) -> Example:
         rationale = self.rationale(record) if self.use_rationale else None
         analogues = self.analogues_of(record.smiles) if self.analogues else None
         if analogues and rationale is not None:
             rationale = f"{rationale} {analogue_sentence(analogues, compact=self.rationale_style == 'compact')}"
-        return Example(record.smiles, render_prompt(record.smiles, analogues),
+        return Example(record.smiles, self.prompt(record.smiles),
                        render_completion(rationale, record.target), record.target, record.name)
 
     def variant_prompts(self, smiles: list[str], variant: int) -> dict:
@@ -318,8 +361,7 @@ class RationaleDataModule(L.LightningDataModule):
         (0 = canonical; analogues are the molecule's own whatever its spelling): what decoding over
         several SMILES of a molecule answers for. -> {"prompt_ids", "prompt_mask"}."""
         tok = self._require_tokenizer()
-        prompts = [[tok.bos_token_id] + self._encode(render_prompt(
-            randomized_smiles(s, variant), self.analogues_of(s) if self.analogues else None)) for s in smiles]
+        prompts = [[tok.bos_token_id] + self._encode(self.prompt(s, randomized_smiles(s, variant))) for s in smiles]
         return {"prompt_ids": pad_left(prompts, tok.pad_token_id, self.pad_to_multiple_of),
                 "prompt_mask": pad_left([[1] * len(p) for p in prompts], 0, self.pad_to_multiple_of)}
 

@@ -29,17 +29,20 @@ NO_NUMBER = None
 PLAUSIBLE_RANGE_C = (-273.15, 2000.0)
 
 
-def render_prompt(smiles: str, analogues: Optional[Sequence] = None) -> str:
+def render_prompt(smiles: str, analogues: Optional[Sequence] = None, estimate: Optional[float] = None) -> str:
     """The part the model is given: molecule and question, ending where the rationale starts.
 
     With ``analogues`` (``chemlit.data.analogues.Analogue``: the most similar training molecules),
     a line after the molecule gives their similarity and measured value, most similar first:
-    ``Analogues (similarity, °C): 0.82 121; 0.75 95; 0.61 80``.
+    ``Analogues (similarity, °C): 0.82 121; 0.75 95; 0.61 80``. With ``estimate`` (°C, from
+    ``chemlit.data.estimates``), a line ``Descriptor estimate: 128 °C``.
     """
     lines = [f"Molecule: {smiles}"]
     if analogues:
         lines.append("Analogues (similarity, °C): " + "; ".join(
             f"{a.similarity:.2f} {format_value(a.value)}" for a in analogues))
+    if estimate is not None:
+        lines.append(f"Descriptor estimate: {format_value(estimate)} °C")
     return "\n".join(lines + [f"Question: {QUESTION}", "Rationale:"])
 
 

@@ -5,8 +5,8 @@
 
 Reads a ``predictions.csv`` written by ``python -m chemlit predict`` on a run's test split, and
 reports on exactly those molecules: MAE with a 95% bootstrap interval, RMSE, R² and parse rate for
-the model; the same for the training-mean predictor and a random forest on RDKit descriptors
-trained on the run's training split; and paired-bootstrap differences of MAE (model minus
+the model; the same for the training-mean predictor, a random forest and gradient boosting (the
+model of ``data.descriptor_estimate``) on RDKit descriptors trained on the run's training split; and paired-bootstrap differences of MAE (model minus
 baseline; an interval that excludes zero is a real difference). For paired comparisons an answer
 without a number is scored as if the model had predicted the training mean, and the report says
 how many there were.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chemlit.eval.baselines import mean_baseline, random_forest_baseline, train_test_records
+from chemlit.eval.baselines import MEAN, descriptor_baselines, mean_baseline, train_test_records
 from chemlit.eval.bootstrap import bootstrap_mae, paired_bootstrap_delta
 
 
@@ -87,9 +87,9 @@ def evaluation_columns(predictions: dict[str, dict[str, float]], split_file: str
     truth = np.array([r.target for r in test])
     mean = mean_baseline([r.target for r in train], len(test))
     columns = {name: np.array([p.get(r.smiles, math.nan) for r in test]) for name, p in predictions.items()}
-    columns["mean of training targets"] = mean
-    columns["random forest on RDKit descriptors"] = random_forest_baseline(
-        [r.smiles for r in train], [r.target for r in train], [r.smiles for r in test], trees)
+    columns[MEAN] = mean
+    columns.update(descriptor_baselines([r.smiles for r in train], [r.target for r in train],
+                                        [r.smiles for r in test], trees))
     return train, test, truth, mean, columns
 
 

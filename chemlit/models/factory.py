@@ -287,8 +287,8 @@ def plain_model(model, spec: ModelSpec) -> PreTrainedModel:
 
 
 def export_model(model: PreTrainedModel, tokenizer, directory: str | Path, info: dict,
-                 spec: Optional[ModelSpec] = None, extra_files: Optional[dict[str, str]] = None) -> Path:
-    """Write model (safetensors) + tokenizer + ``chemlit_export.json`` (+ ``extra_files``: name -> text),
+                 spec: Optional[ModelSpec] = None, extra_files: Optional[dict[str, str | bytes]] = None) -> Path:
+    """Write model (safetensors) + tokenizer + ``chemlit_export.json`` (+ ``extra_files``: name -> text or bytes),
     whole or not at all."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
@@ -300,8 +300,11 @@ def export_model(model: PreTrainedModel, tokenizer, directory: str | Path, info:
         # The adapter alone too, for `PeftModel.from_pretrained(base, export/"adapter")`.
         model.save_pretrained(tmp / "adapter", safe_serialization=True)
     (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str) + "\n")
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
+    for name, content in (extra_files or {}).items():
+        if isinstance(content, bytes):
+            (tmp / name).write_bytes(content)
+        else:
+            (tmp / name).write_text(content)
     if directory.exists():
         old = directory.with_name(directory.name + f".old{os.getpid()}")
         directory.rename(old)

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from tokenizers import Tokenizer
 
 from chemlit.data.analogues import REFERENCE_FILE, ReferenceSet
+from chemlit.data.estimates import ESTIMATOR_FILE, DescriptorEstimator
 from chemlit.data.datamodule import IGNORE_INDEX, pad_left
 from chemlit.data.prompts import ANSWER_MARKER, answer_line_prefix
 from chemlit.data.records import ColumnMap
@@ -164,6 +165,9 @@ class StageModule(L.LightningModule):
         as many analogues as it was trained with, whatever ``data.analogues`` says."""
         if not hasattr(datamodule, "analogues") or self.model_spec.source == "tiny" or not self.model_spec.path:
             return
+        estimator = Path(self.model_spec.path) / ESTIMATOR_FILE
+        if estimator.is_file() and hasattr(datamodule, "descriptor_estimate"):  # its prompts carried an estimate
+            datamodule.use_estimator(DescriptorEstimator.load(estimator), str(estimator))
         saved = Path(self.model_spec.path) / REFERENCE_FILE
         if not saved.is_file():
             return
@@ -184,6 +188,8 @@ class StageModule(L.LightningModule):
         if getattr(datamodule, "analogues", 0):  # predict from a checkpoint retrieves from the same molecules
             checkpoint["chemlit_reference_set"] = datamodule.reference_set().to_json()
             checkpoint["chemlit_analogues"] = datamodule.analogues
+        if getattr(datamodule, "descriptor_estimate", False):
+            checkpoint["chemlit_descriptor_estimator"] = datamodule.descriptor_estimator().to_bytes()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         reopen_cut_epoch(checkpoint)
@@ -199,6 +205,9 @@ class StageModule(L.LightningModule):
         if "chemlit_reference_set" in checkpoint and hasattr(datamodule, "analogues"):  # prompts as it was trained
             datamodule.use_reference(ReferenceSet.from_json(checkpoint["chemlit_reference_set"]),
                                      checkpoint["chemlit_analogues"], "the checkpoint's reference set")
+        if "chemlit_descriptor_estimator" in checkpoint and hasattr(datamodule, "descriptor_estimate"):
+            datamodule.use_estimator(DescriptorEstimator.from_bytes(checkpoint["chemlit_descriptor_estimator"]),
+                                     "the checkpoint's descriptor estimator")
 
     # ------------------------------------------------------------------ answering
     @torch.no_grad()
@@ -293,7 +302,8 @@ class StageModule(L.LightningModule):
                 "base_path": self.model_spec.path, "table": str(datamodule.table),
                 "split_file": str(datamodule.split_file or datamodule.output_dir() / "splits.csv"),
                 "lora": None if self.lora is None or not self.lora.enabled else vars(self.lora),
-                "analogues": getattr(datamodule, "analogues", 0), "global_step": self.global_step}
+                "analogues": getattr(datamodule, "analogues", 0),
+                "descriptor_estimate": getattr(datamodule, "descriptor_estimate", False), "global_step": self.global_step}
 
     # ------------------------------------------------------------------ Ctrl-C and SIGTERM: stop cleanly, resumable
     def catch_stop_signals(self) -> None:
@@ -336,8 +346,11 @@ class StageModule(L.LightningModule):
             print("chemlit: stopped by a signal: no export", file=sys.stderr)
             return
         datamodule = self.trainer.datamodule
-        extra = ({REFERENCE_FILE: datamodule.reference_set().to_json()} if getattr(datamodule, "analogues", 0)
-                 else None)
+        extra = {}
+        if getattr(datamodule, "analogues", 0):
+            extra[REFERENCE_FILE] = datamodule.reference_set().to_json()
+        if getattr(datamodule, "descriptor_estimate", False):
+            extra[ESTIMATOR_FILE] = datamodule.descriptor_estimator().to_bytes()
         path = export_model(self.model, self.tokenizer, self.export_path(), self.export_info(), self.model_spec,
                             extra_files=extra)
         log.info("Exported the %s model to %s", self.stage_name, path)

@@ -6,6 +6,7 @@ and the parse rate (torchmetrics), plus a few full generations as TensorBoard te
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Literal, Optional
@@ -18,6 +19,23 @@ from chemlit.data.files import write_csv
 from chemlit.data.prompts import ANSWER_MARKER, parse_prediction
 from chemlit.models.factory import CPTLora, ModelSpec, SFTLora
 from chemlit.stages.base import AnsweringStage, next_token_loss
+
+log = logging.getLogger(__name__)
+
+
+def conformal_scale(medians, lows, highs, targets, coverage: float, min_half_width: float = 1.0) -> float:
+    """The factor s such that [m - s(m - low), m + s(high - m)] holds ``targets`` for at least ``coverage``
+    of the calibration molecules, with the finite-sample correction of split conformal prediction
+    (the ceil((n + 1) coverage)-th smallest score), so a new molecule from the same distribution is
+    covered with probability >= coverage. A molecule's score is how far outside (> 1) or inside
+    (< 1) its interval its measured value lies, in units of the interval's half on that side (at
+    least ``min_half_width`` °C, so that an interval of width 0 can still be stretched)."""
+    m, lo, hi, y = (np.asarray(x, dtype=float) for x in (medians, lows, highs, targets))
+    below = (m - y) / np.maximum(m - lo, min_half_width)
+    above = (y - m) / np.maximum(hi - m, min_half_width)
+    scores = np.sort(np.maximum(below, above))
+    rank = min(math.ceil((len(scores) + 1) * coverage), len(scores))
+    return float(max(scores[rank - 1], 0.0))
 
 Decoding = Literal["greedy", "sample", "median"]
 
@@ -43,6 +61,7 @@ class SFTModule(AnsweringStage):
         answer_samples: int = 8,
         val_decoding: Decoding = "greedy",
         interval: tuple[float, float] = (0.1, 0.9),
+        calibration_molecules: int = 256,
         smiles_variants: int = 1,
     ):
         """
@@ -60,7 +79,14 @@ class SFTModule(AnsweringStage):
             val_decoding: how validation answers during fit (greedy: the cheapest; model selection
                 uses val/loss).
             interval: lower and upper quantile of the sampled numbers written as `low` and `high`
-                to predictions.csv (decoding=median); (0.1, 0.9) = the 10th-90th percentile.
+                to predictions.csv (decoding=median); (0.1, 0.9) = the 10th-90th percentile, and so
+                an 80 % interval once calibrated.
+            calibration_molecules: before `predict` writes intervals, answer this many validation
+                molecules and stretch (or shrink) every interval around its median by the one factor
+                that makes them contain their measured values as often as the interval's nominal
+                coverage says (split-conformal calibration). The sampled numbers of a fine-tuned
+                model are too narrow: raw 10th-90th percentiles held 30-65 % of the measured values.
+                0, or no measured validation molecules: the raw quantiles.
             temperature: sampling temperature when decoding=sample or median.
             answer_samples: numbers sampled per molecule when decoding=median (also for the interval).
             smiles_variants: decoding=median: answer for this many SMILES of each molecule (the
@@ -88,6 +114,10 @@ class SFTModule(AnsweringStage):
         if not 0.0 <= interval[0] < interval[1] <= 1.0:
             raise ValueError(f"interval must be two quantiles 0 <= low < high <= 1, got {interval}")
         self.interval = (float(interval[0]), float(interval[1]))
+        if calibration_molecules < 0:
+            raise ValueError(f"calibration_molecules must be >= 0, got {calibration_molecules}")
+        self.calibration_molecules = calibration_molecules
+        self.interval_scale = 1.0  # set by calibrate_interval() before predict
         self.answer_samples = answer_samples
         if smiles_variants < 1:
             raise ValueError(f"smiles_variants must be >= 1, got {smiles_variants}")
@@ -145,13 +175,40 @@ class SFTModule(AnsweringStage):
 
     def median_and_interval(self, numbers: list[list[float]], fallback: list[Optional[float]]
                             ) -> tuple[list[Optional[float]], list[tuple[float, float]]]:
-        """Each molecule's median number and ``interval`` quantiles; ``fallback`` and (nan, nan) where none."""
+        """Each molecule's median number and ``interval`` quantiles, stretched around the median by
+        ``interval_scale``; ``fallback`` and (nan, nan) where none."""
         values, intervals = list(fallback), [(math.nan, math.nan)] * len(fallback)
         for b, found in enumerate(numbers):
             if found:
                 median, low, high = np.quantile(np.array(found, dtype=float), [0.5, *self.interval])
-                values[b], intervals[b] = float(median), (float(low), float(high))
+                s = self.interval_scale
+                values[b], intervals[b] = float(median), (float(median - s * (median - low)),
+                                                          float(median + s * (high - median)))
         return values, intervals
+
+    @torch.no_grad()
+    def calibrate_interval(self) -> None:
+        """``interval_scale`` from the first ``calibration_molecules`` measured validation molecules."""
+        self.interval_scale = 1.0
+        datamodule = self.trainer.datamodule
+        examples = [ex for ex in datamodule.examples("val") if ex.target is not None][:self.calibration_molecules]
+        if self.decoding != "median" or not examples:
+            return
+        medians, lows, highs, targets = [], [], [], []
+        for start in range(0, len(examples), datamodule.eval_batch_size):
+            part = examples[start:start + datamodule.eval_batch_size]
+            batch = datamodule.collate_rl(part)
+            _, values, intervals = self.answer_with_interval(
+                {**batch, "prompt_ids": batch["prompt_ids"].to(self.device),
+                 "prompt_mask": batch["prompt_mask"].to(self.device)})
+            for value, (low, high), ex in zip(values.tolist(), intervals, part):
+                if not math.isnan(low):
+                    medians.append(value), lows.append(low), highs.append(high), targets.append(ex.target)
+        if medians:
+            self.interval_scale = conformal_scale(medians, lows, highs, targets, self.interval[1] - self.interval[0])
+            log.info("interval: the %.0f%% interval stretched by %.2f around the median, calibrated on %d "
+                     "validation molecules", 100 * (self.interval[1] - self.interval[0]), self.interval_scale,
+                     len(medians))
 
     def answer_with_interval(self, batch: dict) -> tuple[list[str], torch.Tensor, list[tuple[float, float]]]:
         """Texts, numbers (NaN where none parsed) and intervals ((nan, nan) unless decoding=median)."""
@@ -206,6 +263,8 @@ class SFTModule(AnsweringStage):
 
     def on_predict_epoch_start(self) -> None:
         self._predictions: list[dict] = []
+        if self.calibration_molecules:
+            self.calibrate_interval()
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         texts, values, intervals = self.answer_with_interval(batch)
