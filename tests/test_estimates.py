@@ -109,3 +109,18 @@ def test_predict_on_new_molecules_estimates_from_the_export_alone(tmp_path, tiny
     for record in dm.records["test"] + dm.records["train"] + dm.records["val"]:
         assert dm.estimate_of(record.smiles) == saved.estimate([record.smiles])[0]
         assert "Descriptor estimate: " in dm.example(record).prompt
+
+
+def test_a_model_trained_without_the_estimate_is_not_shown_one(tmp_path, tiny_table):
+    """sft.yaml turns the estimate on; answering with a model that never saw it turns it off, while a CPT
+    export (which answers nothing yet) lets the SFT stage turn it on."""
+    for stage, expected in (("sft", False), ("ppo", False), ("cpt", True)):
+        export = tmp_path / stage
+        export.mkdir()
+        (export / "chemlit_export.json").write_text(f'{{"stage": "{stage}", "analogues": 0}}')
+        dm = RationaleDataModule(table=str(tiny_table), run_dir=str(tmp_path / f"run-{stage}"),
+                                 descriptor_estimate=True)
+        dm.setup()
+        SFTModule(model=ModelSpec(source="pretrained", path=str(export))).hand_over_reference_set(dm)
+        assert dm.descriptor_estimate is expected, stage
+        assert ("Descriptor estimate" in dm.example(dm.records["test"][0]).prompt) is expected

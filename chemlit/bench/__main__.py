@@ -132,7 +132,7 @@ def report(runs: Path, out: Path, configs: Path, table: str, long_ppo_minutes: i
 
 # The SFT ablations: the same CPT export, the same split, the same minutes each; test answers by the product's
 # default decoding (median). Names are run directories under --runs.
-SFT_VARIANTS = {
+SFT_VARIANTS = {  # each states the estimate either way (below), whatever sft.yaml's default is
     "sft-full": ("full rationale", ["--data.rationale_style", "full"]),
     "sft-compact": ("compact rationale", ["--data.rationale_style", "compact"]),
     "sft-none": ("no rationale", ["--data.use_rationale", "false"]),
@@ -145,6 +145,9 @@ SFT_VARIANTS = {
     "sft-none-estimate": ("no rationale + descriptor estimate", ["--data.use_rationale", "false",
                                                                  "--data.descriptor_estimate", "true"]),
 }
+SFT_VARIANTS = {name: (label, overrides if "--data.descriptor_estimate" in overrides
+                       else [*overrides, "--data.descriptor_estimate", "false"])
+                for name, (label, overrides) in SFT_VARIANTS.items()}
 
 
 def learning_curve(run_dir: Path, examples_per_step: int, train_molecules: int) -> dict:

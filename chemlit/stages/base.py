@@ -165,13 +165,20 @@ class StageModule(L.LightningModule):
         as many analogues as it was trained with, whatever ``data.analogues`` says."""
         if not hasattr(datamodule, "analogues") or self.model_spec.source == "tiny" or not self.model_spec.path:
             return
+        info_file = Path(self.model_spec.path) / EXPORT_INFO
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
         estimator = Path(self.model_spec.path) / ESTIMATOR_FILE
         if estimator.is_file() and hasattr(datamodule, "descriptor_estimate"):  # its prompts carried an estimate
             datamodule.use_estimator(DescriptorEstimator.load(estimator), str(estimator))
+        elif info.get("stage") in ("sft", "ppo") and getattr(datamodule, "descriptor_estimate", False):
+            # A model that learned to answer without the estimate is not shown one it never saw.
+            log.warning("%s was trained without a descriptor estimate in its prompts: data.descriptor_estimate is "
+                        "turned off", self.model_spec.path)
+            datamodule.descriptor_estimate = False
         saved = Path(self.model_spec.path) / REFERENCE_FILE
         if not saved.is_file():
             return
-        trained_with = json.loads((Path(self.model_spec.path) / EXPORT_INFO).read_text()).get("analogues", 0)
+        trained_with = info.get("analogues", 0)
         if trained_with and datamodule.analogues != trained_with:
             log.warning("%s was trained with %d analogues per prompt: using %d, not data.analogues=%d",
                         self.model_spec.path, trained_with, trained_with, datamodule.analogues)
