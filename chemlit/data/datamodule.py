@@ -342,18 +342,18 @@ class RationaleDataModule(L.LightningDataModule):
             self._estimates.update(zip(wanted, self.descriptor_estimator().estimate(wanted)))
         return self._estimates[smiles]
 
-    def prompt(self, smiles: str, written_as: Optional[str] = None) -> str:
+    def prompt(self, smiles: str, written_as: Optional[str] = None, with_estimate: bool = True) -> str:
         """The prompt of molecule ``smiles`` (canonical), its SMILES written as ``written_as`` if given."""
         analogues = self.analogues_of(smiles) if self.analogues else None
-        estimate = self.estimate_of(smiles) if self.descriptor_estimate else None
+        estimate = self.estimate_of(smiles) if self.descriptor_estimate and with_estimate else None
         return render_prompt(written_as or smiles, analogues, estimate)
 
-    def example(self, record: Record) -> Example:
+    def example(self, record: Record, with_estimate: bool = True) -> Example:
         rationale = self.rationale(record) if self.use_rationale else None
         analogues = self.analogues_of(record.smiles) if self.analogues else None
         if analogues and rationale is not None:
             rationale = f"{rationale} {analogue_sentence(analogues, compact=self.rationale_style == 'compact')}"
-        return Example(record.smiles, self.prompt(record.smiles),
+        return Example(record.smiles, self.prompt(record.smiles, with_estimate=with_estimate),
                        render_completion(rationale, record.target), record.target, record.name)
 
     def variant_prompts(self, smiles: list[str], variant: int) -> dict:
@@ -369,10 +369,14 @@ class RationaleDataModule(L.LightningDataModule):
         return [self.example(r) for r in self.records[split]]
 
     def tokenizer_corpus(self) -> list[str]:
-        """Texts a from-scratch tokenizer is trained on: the training split only."""
+        """Texts a from-scratch tokenizer is trained on: the training split only. Without the estimate
+        line where there is nothing to fit the estimator on yet (a table of new molecules before a
+        checkpoint hands its estimator in: the checkpoint's tokenizer replaces this one anyway)."""
+        measured = sum(1 for r in self.records["train"] if r.target is not None)
+        with_estimate = self.estimator is not None or measured >= 2
         texts = []
         for record in self.records["train"]:
-            ex = self.example(record)
+            ex = self.example(record, with_estimate)
             texts.append(ex.prompt + ex.completion)
             texts.append(cpt_text(record, self.rationale(record)))
         return texts
