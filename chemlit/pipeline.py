@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shlex
 import shutil
 import sys
 import time
@@ -233,9 +234,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--holdout-source", default="wikidata",
                         help="--split source: the source whose molecules are the test set (default wikidata: "
                              "the built-in table's molecules that Open Notebook lacks)")
+    parser.add_argument("--stage-args", nargs=2, action="append", default=[], metavar=("STAGE", "ARGS"),
+                        help="more command-line arguments for one stage's run (cpt, sft, ppo, or test for the "
+                             "answering), e.g. --stage-args sft '--trainer.max_epochs 6'; repeatable")
     args = parser.parse_args(argv)
+    extra: dict[str, list[str]] = {}
+    for stage, more in args.stage_args:
+        if stage not in {s.name for s in STAGES} | {"test"}:
+            parser.error(f"--stage-args: unknown stage {stage!r} (cpt, sft, ppo or test)")
+        extra.setdefault(stage, []).extend(shlex.split(more))
     started = time.perf_counter()
-    result = run_pipeline(Path(args.configs), Path(args.runs), args.table, args.fresh, args.stages,
+    result = run_pipeline(Path(args.configs), Path(args.runs), args.table, args.fresh, args.stages, extra=extra,
                           minutes=args.minutes or None, base_model=args.base_model, split=args.split,
                           holdout_source=args.holdout_source)
     runs = result["runs"]

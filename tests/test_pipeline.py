@@ -123,3 +123,28 @@ def test_the_gpu_configs_run_through_the_pipeline_on_a_cpu(tmp_path, tiny_table)
         assert info["lora"]["enabled"] and info["model_source"] == "pretrained", stage
     assert json.loads((runs / "cpt" / "export" / "chemlit_export.json").read_text())["base_path"] == str(base)
     assert "PPO model (median of 8)" in result["report"]
+
+
+def test_stage_args_reach_their_stage_and_unknown_stages_are_refused(monkeypatch, capsys):
+    import chemlit.pipeline as pipeline
+
+    seen = {}
+
+    class Ran(Exception):
+        pass
+
+    def fake_run(*args, **kwargs):
+        seen.update(kwargs)
+        raise Ran
+
+    monkeypatch.setattr(pipeline, "run_pipeline", fake_run)
+    with pytest.raises(Ran):
+        pipeline.main(["--minutes", "60", "--stage-args", "sft", "--trainer.max_epochs 6 --data.seed 1",
+                       "--stage-args", "ppo", "--trainer.limit_train_batches 600",
+                       "--stage-args", "sft", "--model.init_args.learning_rate 0.001"])
+    assert seen["extra"] == {"sft": ["--trainer.max_epochs", "6", "--data.seed", "1",
+                                     "--model.init_args.learning_rate", "0.001"],
+                             "ppo": ["--trainer.limit_train_batches", "600"]}
+    with pytest.raises(SystemExit) as stopped:
+        pipeline.main(["--stage-args", "rl", "--trainer.max_epochs 6"])
+    assert stopped.value.code == 2 and "unknown stage 'rl'" in capsys.readouterr().err
