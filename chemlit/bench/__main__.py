@@ -204,9 +204,11 @@ def sft_ablations(runs: Path, out: Path, configs: Path, table: str, minutes: int
         base = max((b for b in variants if b != name and name.startswith(b + "-")), key=len, default=None)
         if base is not None and base != variants[0]:
             pairs.append((SFT_VARIANTS[name][0], SFT_VARIANTS[base][0]))
-    if "sft-none" in variants:  # does writing a rationale help the number?
-        pairs += [(SFT_VARIANTS[name][0], SFT_VARIANTS["sft-none"][0]) for name in ("sft-full", "sft-compact")
-                  if name in variants and name != variants[0]]
+    rationale_pairs = (("sft-none", ("sft-full", "sft-compact")), ("sft-none-estimate", ("sft-compact-estimate",)))
+    for without, written in rationale_pairs:
+        if without in variants:  # does writing a rationale help the number?
+            pairs += [(SFT_VARIANTS[name][0], SFT_VARIANTS[without][0]) for name in written
+                      if name in variants and name != variants[0]]
     pairs += [(label, RANDOM_FOREST) for label in labels]
     # a model told the descriptor estimate, against the estimate alone: what the language model adds to it
     pairs += [(SFT_VARIANTS[name][0], GRADIENT_BOOSTING) for name in variants if name.endswith("-estimate")]
