@@ -7,7 +7,7 @@ those descriptors (scikit-learn's ``HistGradientBoostingRegressor``), and the mo
 follow it and when not to:
 
     Molecule: CC(=O)Oc1ccccc1C(=O)O
-    Descriptor estimate: 128 °C
+    Descriptor estimate: 126 °C
     Question: What is the melting point in °C?
 
 No molecule is told an estimate made from its own value:
