@@ -66,17 +66,23 @@ def test_randomised_smiles_are_the_same_molecule_spelled_otherwise():
     assert randomized_smiles("OC(=O)c1ccccc1OC(C)=O", 3) == variants[3]  # whatever spelling came in
 
 
-def test_smiles_variants_pool_the_numbers_of_every_spelling(tmp_path, tiny_table, monkeypatch):
-    """smiles_variants=3: greedy rationale + K samples for each of 3 spellings, one median over all 3K numbers."""
+def _median_module(tmp_path, tiny_table, **options):
+    """A tiny SFT model answering by decoding=median (3 samples) over the tiny table's datamodule."""
     dm = RationaleDataModule(table=str(tiny_table), run_dir=str(tmp_path))
     dm.setup()
     tokenizer = train_smiles_tokenizer(dm.tokenizer_corpus(), vocab_size=400)
     dm.tokenizer = tokenizer
-    module = SFTModule(decoding="median", answer_samples=3, smiles_variants=3)
+    module = SFTModule(decoding="median", answer_samples=3, **options)
     module.tokenizer = tokenizer
     module.model = build_tiny(TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
                               len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
     module._trainer = SimpleNamespace(datamodule=dm, sanity_checking=False, validating=False)
+    return dm, tokenizer, module
+
+
+def test_smiles_variants_pool_the_numbers_of_every_spelling(tmp_path, tiny_table, monkeypatch):
+    """smiles_variants=3: greedy rationale + K samples for each of 3 spellings, one median over all 3K numbers."""
+    dm, tokenizer, module = _median_module(tmp_path, tiny_table, smiles_variants=3)
     batch = dm.collate_rl(dm.examples("test")[:2])
     prompts_seen = []
 
@@ -123,15 +129,7 @@ def test_conformal_scale_gives_the_nominal_coverage_on_new_molecules():
 
 
 def test_predict_intervals_are_calibrated_on_validation_molecules(tmp_path, tiny_table, monkeypatch):
-    dm = RationaleDataModule(table=str(tiny_table), run_dir=str(tmp_path))
-    dm.setup()
-    tokenizer = train_smiles_tokenizer(dm.tokenizer_corpus(), vocab_size=400)
-    dm.tokenizer = tokenizer
-    module = SFTModule(decoding="median", answer_samples=3, calibration_molecules=6)
-    module.tokenizer = tokenizer
-    module.model = build_tiny(TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
-                              len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    module._trainer = SimpleNamespace(datamodule=dm, sanity_checking=False, validating=False)
+    dm, tokenizer, module = _median_module(tmp_path, tiny_table, calibration_molecules=6)
     answer = tokenizer.encode(" small.\n##Prediction: 100") + [tokenizer.eos_token_id]
     monkeypatch.setattr(module, "generate", lambda ids, mask: (torch.tensor([answer] * ids.size(0)),
                                                                ["small.\n##Prediction: 100"] * ids.size(0)))

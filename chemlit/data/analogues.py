@@ -13,7 +13,6 @@ from exactly the molecules the model was trained with, without the table or the 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 from rdkit import Chem, DataStructs, rdBase
 from rdkit.Chem import rdFingerprintGenerator
 
+from chemlit.data.files import write_whole
 from chemlit.data.records import canonical_smiles
 
 REFERENCE_FILE = "reference_set.json"
@@ -93,11 +93,7 @@ class ReferenceSet:
 
     def save(self, path: str | Path) -> Path:
         """Write whole or not at all."""
-        path = Path(path)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
-        return path
+        return write_whole(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> ReferenceSet:

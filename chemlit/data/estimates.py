@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
@@ -35,6 +34,7 @@ from typing import Optional
 import numpy as np
 
 from chemlit.data.descriptors import descriptor_matrix, descriptor_names
+from chemlit.data.files import write_whole
 from chemlit.data.records import canonical_smiles
 
 ESTIMATOR_FILE = "descriptor_estimator.npz"
@@ -128,11 +128,7 @@ class DescriptorEstimator:
 
     def save(self, path: str | Path) -> Path:
         """Write whole or not at all."""
-        path = Path(path)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_bytes(self.to_bytes())
-        tmp.replace(path)
-        return path
+        return write_whole(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path) -> DescriptorEstimator:

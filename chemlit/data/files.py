@@ -7,6 +7,18 @@ import os
 from pathlib import Path
 
 
+def write_whole(path: str | Path, content: str | bytes) -> Path:
+    """Write text or bytes whole or not at all (temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    if isinstance(content, bytes):
+        tmp.write_bytes(content)
+    else:
+        tmp.write_text(content)
+    os.replace(tmp, path)
+    return path
+
+
 def write_csv(rows: list[dict], path: str | Path) -> Path:
     """Write dict rows as CSV, whole or not at all (temporary file, then rename)."""
     path = Path(path)
