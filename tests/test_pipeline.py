@@ -37,8 +37,8 @@ def test_pipeline_runs_every_stage_then_resumes_without_redoing_them(tmp_path, t
         assert (runs / stage / "export" / "model.safetensors").exists(), stage
     assert set(result["timings"]) == {"cpt", "sft", "ppo", "test-ppo", "test-sft"}
     report = (runs / "report.md").read_text()
-    assert "PPO model (median of 8)" in report and "SFT model (median of 8)" in report and "random forest" in report
-    assert "PPO model (median of 8) − SFT model (median of 8)" in report  # the paired comparison
+    assert "PPO model (median of 32)" in report and "SFT model (median of 32)" in report and "random forest" in report
+    assert "PPO model (median of 32) − SFT model (median of 32)" in report  # the paired comparison
     # median decoding writes an interval per answer (the tiny model's answers rarely parse: the report's
     # coverage of them is tested in tests/test_report.py)
     header = next((runs / "test-sft").glob("version_*/predictions.csv")).read_text().splitlines()[0]
@@ -122,7 +122,7 @@ def test_the_gpu_configs_run_through_the_pipeline_on_a_cpu(tmp_path, tiny_table)
         info = json.loads((runs / stage / "export" / "chemlit_export.json").read_text())
         assert info["lora"]["enabled"] and info["model_source"] == "pretrained", stage
     assert json.loads((runs / "cpt" / "export" / "chemlit_export.json").read_text())["base_path"] == str(base)
-    assert "PPO model (median of 8)" in result["report"]
+    assert "PPO model (median of 32)" in result["report"]
 
 
 def test_stage_args_reach_their_stage_and_unknown_stages_are_refused(monkeypatch, capsys):

@@ -58,7 +58,7 @@ class SFTModule(AnsweringStage):
         lora: SFTLora = SFTLora(),
         track_forgetting: bool = False,
         answer_loss_weight: float = 1.0,
-        answer_samples: int = 8,
+        answer_samples: int = 32,
         val_decoding: Decoding = "greedy",
         interval: tuple[float, float] = (0.1, 0.9),
         calibration_molecules: int = 256,
@@ -89,6 +89,8 @@ class SFTModule(AnsweringStage):
                 0, or no measured validation molecules: the raw quantiles.
             temperature: sampling temperature when decoding=sample or median.
             answer_samples: numbers sampled per molecule when decoding=median (also for the interval).
+                The median of a few samples is itself noisy: on the pipeline's SFT model (1,285 test
+                molecules) 8 gave 30.6 °C, 32 gave 29.0, 128 gave 28.7, at 60, 72 and 111 s.
             smiles_variants: decoding=median: answer for this many SMILES of each molecule (the
                 canonical one and randomised ones: renumbered atoms), each with its own greedy
                 rationale and answer_samples numbers, and take the median of all of them. 1 = the
