@@ -75,7 +75,7 @@ def cpu_seconds() -> float:
 
 
 def decoding_label(config_file: Path) -> str:
-    """How a predict run answered, from the config it saved: "median of 8" or "greedy"."""
+    """How a predict run answered, from the config it saved: "median of 32" or "greedy"."""
     import yaml
 
     try:  # the CLI saves the full config, defaults included
@@ -214,6 +214,30 @@ def run_pipeline(configs: Path, runs: Path, table: str = "builtin", fresh: bool 
     return {"runs": runs, "timings": timings, "cpu_use": cpu_use, "cores": cores, "report": report}
 
 
+RUN_RECORD = "pipeline_run.json"
+
+
+def write_run_record(runs: Path, argv: list[str], seconds: float, result: dict) -> Path:
+    """runs/pipeline_run.json: the command, the code's commit, the date, and each part's minutes -- what
+    ``python -m chemlit.bench report`` says of the run (a resumed run records its last invocation)."""
+    import json
+    import subprocess
+
+    from chemlit.data.files import write_whole
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                                cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    chosen = os.environ.get(AUTO_ENV, "")  # "<key>|<precision>|<reason>"
+    record = {"command": "python -m chemlit pipeline " + shlex.join(argv), "commit": commit,
+              "finished": time.strftime("%Y-%m-%d %H:%M"), "minutes": round(seconds / 60, 1),
+              "parts_minutes": {part: round(s / 60, 1) for part, s in result["timings"].items()},
+              "precision_auto": chosen.split("|", 2)[1] if chosen.count("|") >= 2 else None}
+    return write_whole(runs / RUN_RECORD, json.dumps(record, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m chemlit pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="configs/quickstart",
@@ -248,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
                           minutes=args.minutes or None, base_model=args.base_model, split=args.split,
                           holdout_source=args.holdout_source)
     runs = result["runs"]
+    write_run_record(runs, argv if argv is not None else sys.argv[1:], time.perf_counter() - started, result)
     print("\n" + "=" * 78)
     print(f"chemlit pipeline finished in {(time.perf_counter() - started) / 60:.1f} min"
           + (f" (budget {args.minutes:.0f} min)" if args.minutes else ""))

@@ -1,4 +1,6 @@
-"""The throughput section of the benchmark report says what the measurement says."""
+"""The benchmark reports say what the measurements say: the throughput section, the SFT ablations, the one report."""
+
+import json
 
 from chemlit.bench.__main__ import throughput_markdown
 from chemlit.bench.throughput import summarize
@@ -50,3 +52,42 @@ def test_sft_ablations_train_each_variant_from_the_same_cpt_export_and_compare_t
     assert (runs / "sft-compact-analogues" / "export" / "reference_set.json").is_file()
     assert "compact rationale + 3 analogues − compact rationale" in text  # paired against the first variant
     assert "## Learning per minute" in text and "| compact rationale | 3 |" in text
+
+
+def test_one_report_carries_every_test_set_its_baselines_the_ppo_story_and_the_ablations(tmp_path, tiny_table):
+    from chemlit.bench.report import SUMMARY_HEADING, full_report, test_sets_from_args
+    from chemlit.pipeline import RUN_RECORD, run_pipeline, write_run_record
+    from tests.test_pipeline import EXTRA, ROOT
+
+    runs, out, configs = tmp_path / "runs", tmp_path / "out", ROOT / "configs" / "quickstart"
+    result = run_pipeline(configs, runs, table=str(tiny_table), extra=EXTRA, minutes=None)
+    write_run_record(runs, ["--runs", str(runs), "--minutes", "1"], 90.0, result)
+    record = json.loads((runs / RUN_RECORD).read_text())
+    assert record["command"] == f"python -m chemlit pipeline --runs {runs} --minutes 1" and record["minutes"] == 1.5
+    out.mkdir()
+    (out / "ablations.md").write_text("# Report: 9 test molecules\n\nrows\n\n## Learning per minute\n\nmore\n")
+    # the same run stands in for the scaffold set too: its answers by the product's decoding are reused
+    test_sets = test_sets_from_args(runs, None, runs, None)
+    text = full_report(test_sets, out, configs, str(tiny_table), extra=tuple(EXTRA["test"]))
+    assert (out / "report.md").read_text() == text
+    summary = text.split(SUMMARY_HEADING, 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| test set")]
+    assert [r.split(" | ")[0] for r in rows] == ["| Random split, the default pipeline (30-minute budget)",
+                                                 "| Murcko-scaffold split"]
+    sections = text.split("\n## ")
+    random_split = next(s for s in sections if s.startswith("Random split"))
+    scaffold = next(s for s in sections if s.startswith("Murcko-scaffold split"))
+    assert f"Made by `python -m chemlit pipeline --runs {runs} --minutes 1` at commit" in random_split
+    # the decoding ablation (greedy, median of 8 beside the product's median of 32) is the default run's only
+    assert "| PPO, greedy − SFT, greedy |" in random_split and "| SFT, median of 32 − SFT, greedy |" in random_split
+    assert "| PPO, median of 32 − SFT, median of 32 |" in scaffold and ", greedy" not in scaffold
+    assert "What the language model adds to the estimate" in random_split and "Rationale fidelity: " in random_split
+    assert all(len(r.split(" | ")) == 10 for r in rows)                 # ... | PPO − forest | facts right: SFT / PPO |
+    # the summary's baseline cells are the section's own numbers (same split, same molecules)
+    for baseline, column in (("random forest on RDKit descriptors", 5), ("mean of training targets", 7)):
+        cell = next(line for line in random_split.splitlines() if line.startswith(f"| {baseline} |")).split(" | ")[1]
+        assert rows[0].split(" | ")[column] == cell
+    assert "## The PPO run, from its TensorBoard logs" in text and "| KL per answer to the reference (nats) |" in text
+    assert "## SFT ablations (`ablations.md`, copied)" in text and "### Learning per minute" in text
+    assert len((out / "report.csv").read_text().splitlines()) == 3
+    assert (out / "parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

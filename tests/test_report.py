@@ -1,6 +1,7 @@
 import csv
 
 import numpy as np
+import pytest
 
 from chemlit.data.records import read_table
 from chemlit.data.splits import make_split, write_split
@@ -45,3 +46,38 @@ def test_report_compares_model_with_baselines_on_the_same_molecules(tiny_table, 
     coverage = next(l for l in report.splitlines() if l.startswith("| good | ") and "| 10 |" in l)
     assert coverage == f"| good | {len(test)} | {(len(test) // 2) / len(test):.1%} | 10 |"
     assert not any(l.startswith("| noisy | ") and l.endswith("| 10 |") for l in report.splitlines())
+
+
+def test_against_estimate_finds_whether_the_model_adds_to_the_estimate_it_reads():
+    from chemlit.eval.report import against_estimate
+
+    rng = np.random.default_rng(0)
+    truth = rng.normal(100, 50, 4000)
+    estimate = truth + rng.normal(0, 20, truth.size)
+    # a model that only copies the estimate and adds noise of its own: every step away from the estimate costs
+    copier = estimate + rng.normal(0, 10, truth.size)
+    a = against_estimate(copier, estimate, truth)
+    assert a["best_weight"] == 0.0 and a["best_blend_mae"] == a["estimate_mae"] < a["model_mae"]
+    assert a["error_correlation"] > 0.85 and 7 < a["mean_abs_deviation"] < 9   # E|N(0, 10)| = 8
+    # a model with its own, independent information: the best blend weighs it, and beats both
+    informed = truth + rng.normal(0, 20, truth.size)
+    informed[:10] = np.nan                                                  # answers without a number are left out
+    b = against_estimate(informed, estimate, truth)
+    assert b["n"] == truth.size - 10 and 0.4 <= b["best_weight"] <= 0.6   # equal noise: equal weights
+    assert b["best_blend_mae"] < 0.8 * min(b["model_mae"], b["estimate_mae"]) and abs(b["error_correlation"]) < 0.1
+
+
+def test_rationale_fidelity_counts_the_structural_facts_stated_word_for_word():
+    from chemlit.data.rationale import write_rationale
+    from chemlit.eval.report import rationale_facts, rationale_fidelity
+
+    aspirin, ethanol = "CC(=O)Oc1ccccc1C(=O)O", "CCO"
+    reference = {s: write_rationale(s, "compact") for s in (aspirin, ethanol)}
+    facts = rationale_facts(reference[aspirin])
+    assert "donors 1" in facts and "acceptors 3" in facts and not any(f.endswith((",", ";", ".")) for f in facts)
+    assert rationale_fidelity(reference, reference) == 1.0
+    wrong = reference[aspirin].replace("donors 1", "donors 2")            # one count wrong out of len(facts)
+    assert rationale_fidelity({aspirin: wrong}, reference) == pytest.approx(1 - 1 / len(facts))
+    # each molecule weighs the same; a molecule without a reference is left out
+    both = rationale_fidelity({aspirin: wrong, ethanol: "", "C": "x"}, reference)
+    assert both == pytest.approx((1 - 1 / len(facts) + 0.0) / 2)

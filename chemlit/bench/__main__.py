@@ -1,18 +1,15 @@
 """``python -m chemlit.bench``: the benchmark report (not a test; it takes a while).
 
-    python -m chemlit.bench report     --runs runs/pipeline [--out chemlit/bench/results]
+    python -m chemlit.bench report     --runs runs/pipeline [--long runs/long] [--scaffold runs/scaffold]
+                                       [--source runs/source] [--out chemlit/bench/results]
     python -m chemlit.bench ablations  --runs runs/pipeline [--minutes 8] [--variants ...]
     python -m chemlit.bench throughput [--out chemlit/bench/results] [--trl-dir .bench-trl]
 
-``report`` starts from a finished ``python -m chemlit pipeline`` run directory and adds, on the
-same split and the same test molecules:
-  * the rationale ablation: the SFT stage again from the same CPT export with
-    ``data.use_rationale=false`` (the number straight after the prompt), same epochs;
-  * the curriculum ablation: the PPO stage again from the same SFT export, strict from step one
-    (only the strictest tolerance of the curriculum, so it can neither ease nor fall back), same budget;
-then answers the test molecules with every model (greedy) and writes ``report.md`` and
-``report.csv``: mean predictor, random forest, SFT, PPO and the ablations, MAE with 95% bootstrap
-intervals, RMSE, R², parse rate, and paired-bootstrap differences. ``ablations`` trains SFT variants
+``report`` trains nothing: it reads finished pipeline runs (the default one, and optionally a longer
+run, a scaffold split and an out-of-source split), answers their test molecules with their SFT and
+PPO exports, and writes one ``report.md`` with every test set beside its baselines, the decoding
+ablation, what the model adds to the descriptor estimate, the PPO run's curves in numbers, and the
+ablations and throughput results found in ``--out`` (see chemlit/bench/report.py). ``ablations`` trains SFT variants
 (rationale style, none, analogues, CPT replay) for the same minutes each from the pipeline's CPT
 export and writes ``ablations.md``: test MAE under median decoding with intervals and paired
 differences, molecules per second and validation MAE by minute. ``throughput`` times one PPO
@@ -30,17 +27,9 @@ import time
 from pathlib import Path
 
 from chemlit.cli import main as cli_main
-from chemlit.data.files import write_csv
 from chemlit.eval.baselines import GRADIENT_BOOSTING, RANDOM_FOREST
 from chemlit.pipeline import STAGES, stage_args, test_predictions
 
-SFT, PPO = "SFT (rationale, greedy)", "PPO (curriculum, greedy)"
-SFT_NO_RATIONALE, PPO_STRICT = "SFT without rationale (greedy)", "PPO strict from step one (greedy)"
-MEDIAN_SAMPLES = 32
-SFT_MEDIAN, PPO_MEDIAN = f"SFT (rationale, median of {MEDIAN_SAMPLES})", f"PPO (curriculum, median of {MEDIAN_SAMPLES})"
-MEDIAN_ARGS = ["--model.init_args.decoding", "median", "--model.init_args.answer_samples", str(MEDIAN_SAMPLES)]
-GREEDY_ARGS = ["--model.init_args.decoding", "greedy"]  # the product's default is median; these rows say greedy
-PPO_LONG = "PPO, {minutes} min (curriculum, greedy)"
 THROUGHPUT_HEADING = "## PPO iteration throughput: chemlit vs TRL "
 
 
@@ -62,72 +51,6 @@ def run_ablation(name: str, stage_name: str, configs: Path, runs: Path, table: s
     started = time.perf_counter()
     cli_main(args)
     return export, time.perf_counter() - started
-
-
-def report(runs: Path, out: Path, configs: Path, table: str, long_ppo_minutes: int = 0) -> str:
-    from chemlit.eval.report import (
-        build_report,
-        evaluation_columns,
-        model_metrics,
-        read_predictions,
-    )
-
-    for stage in ("cpt", "sft", "ppo"):
-        if not (runs / stage / "export").is_dir():
-            raise SystemExit(f"chemlit bench: {runs / stage / 'export'} is missing: run `python -m chemlit "
-                             f"pipeline --runs {runs}` first")
-    timings = {}
-    no_rationale, timings["sft-no-rationale"] = run_ablation(
-        "sft-no-rationale", "sft", configs, runs, table, runs / "cpt" / "export", ["--data.use_rationale", "false"])
-    strict, timings["ppo-strict"] = run_ablation("ppo-strict", "ppo", configs, runs, table, runs / "sft" / "export",
-                                                 strict_level_args(configs))
-    long_label = PPO_LONG.format(minutes=long_ppo_minutes)
-    if long_ppo_minutes:  # the same PPO config, given more wall time than the pipeline's budget
-        long_ppo, timings["ppo-long"] = run_ablation(
-            "ppo-long", "ppo", configs, runs, table, runs / "sft" / "export",
-            ["--trainer.limit_train_batches", "2000", "--trainer.max_time", f"00:00:{long_ppo_minutes:02d}:00"])
-    models = {PPO: ("ppo-greedy", runs / "ppo" / "export", GREEDY_ARGS),
-              SFT: ("sft-greedy", runs / "sft" / "export", GREEDY_ARGS),
-              PPO_MEDIAN: ("ppo-median", runs / "ppo" / "export", MEDIAN_ARGS),
-              SFT_MEDIAN: ("sft-median", runs / "sft" / "export", MEDIAN_ARGS),
-              PPO_STRICT: ("ppo-strict", strict, GREEDY_ARGS),
-              SFT_NO_RATIONALE: ("sft-no-rationale", no_rationale, ["--data.use_rationale", "false", *GREEDY_ARGS])}
-    if long_ppo_minutes:
-        models[long_label] = ("ppo-long", long_ppo, GREEDY_ARGS)
-    split_file = runs / "cpt" / "splits.csv"
-    predictions = {label: read_predictions(test_predictions(name, export, configs, runs, split_file, table, extra)[0])
-                   for label, (name, export, extra) in models.items()}
-    split = str(runs / "cpt" / "splits.csv")
-    evaluated = evaluation_columns(predictions, split, table)
-    pairs = [(PPO, SFT), (PPO_MEDIAN, SFT_MEDIAN), (PPO_STRICT, SFT), (PPO, PPO_STRICT), (SFT_MEDIAN, SFT),
-             (SFT, SFT_NO_RATIONALE), (PPO, RANDOM_FOREST), (PPO_MEDIAN, RANDOM_FOREST),
-             (PPO_MEDIAN, GRADIENT_BOOSTING), (SFT, "mean of training targets"),
-             (SFT_MEDIAN, "mean of training targets")]
-    if long_ppo_minutes:
-        pairs.insert(1, (long_label, SFT))
-    text = build_report(predictions, split, table, pairs=pairs, evaluated=evaluated)
-    _, _, truth, _, columns = evaluated
-    rows = [{"model": name, **model_metrics(values, truth)} for name, values in columns.items()]
-    out.mkdir(parents=True, exist_ok=True)
-    header = [f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}.",
-              f"Made by: `python -m chemlit.bench report --runs {runs}"
-              + (f" --long-ppo-minutes {long_ppo_minutes}" if long_ppo_minutes else "")
-              + f"` after `python -m chemlit pipeline --runs {runs}`.",
-              ""]
-    ran = [f"{name} {seconds / 60:.1f} min" for name, seconds in timings.items() if seconds]
-    if ran:
-        header += [f"Ablation runs (wall time): {', '.join(ran)}.", ""]
-    for name in ("ppo", "ppo-long"):
-        curriculum = _curriculum_path(runs / name / "export")
-        if curriculum:
-            header += [f"{name} curriculum path (iteration, level): {curriculum}", ""]
-    throughput = out / "throughput.json"
-    tail = ["", throughput_markdown(json.loads(throughput.read_text()))] if throughput.exists() else []
-    text = text.replace("\n", "\n" + "\n".join(header) + "\n", 1) + "\n".join(tail)
-    _write(out / "report.md", text)
-    write_csv(rows, out / "report.csv")
-    _parity_png(out / "parity.png", {name: columns[name] for name in (SFT, SFT_MEDIAN, PPO)}, truth)
-    return text
 
 
 # The SFT ablations: the same CPT export, the same split, the same minutes each; test answers by the product's
@@ -215,9 +138,11 @@ def sft_ablations(runs: Path, out: Path, configs: Path, table: str, minutes: int
     evaluated = evaluation_columns(predictions, str(split_file), table)
     command = (f"`python -m chemlit.bench ablations --runs {runs} --minutes {minutes} --variants "
                f"{' '.join(variants)}` after `python -m chemlit pipeline --runs {runs}`")
+    from chemlit.bench.report import product_decoding
+
     how = (f"Every variant: the SFT stage (`sft.yaml` + `after_cpt.yaml`) from the same CPT export for {minutes} min "
-           "of training, then the test molecules answered with the default decoding (median of 8 after the greedy "
-           "rationale).")
+           f"of training, then the test molecules answered with the default decoding ({product_decoding(configs)[0]} "
+           "after the greedy rationale).")
     notes = [f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}.", f"Made by: {command}.", how]
     text = build_report(predictions, str(split_file), table, pairs=pairs, evaluated=evaluated, intervals=intervals,
                         notes=notes)
@@ -235,37 +160,6 @@ def sft_ablations(runs: Path, out: Path, configs: Path, table: str, minutes: int
     out.mkdir(parents=True, exist_ok=True)
     _write(out / "ablations.md", text)
     return text
-
-
-def _parity_png(path: Path, models: dict, truth) -> None:
-    """Predicted vs measured for the test molecules, one panel per model (for the README)."""
-    import matplotlib.pyplot as plt
-
-    from chemlit.eval.plots import parity_figure
-
-    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 4.5), dpi=100)
-    for ax, (name, values) in zip(axes, models.items()):
-        parity_figure(values.tolist(), truth.tolist(), name, ax=ax)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def strict_level_args(configs: Path) -> list[str]:
-    """One level only, the strictest of the PPO config's curriculum: no leniency and no falling back."""
-    import yaml
-
-    config = yaml.safe_load((configs / "ppo.yaml").read_text())
-    strictest = min(config["model"]["init_args"]["curriculum"]["tolerances_c"])
-    return ["--model.init_args.curriculum.tolerances_c", f"[{strictest}]",
-            "--model.init_args.curriculum.start_level", "0"]
-
-
-def _curriculum_path(export: Path):
-    info = export / "chemlit_export.json"
-    return json.loads(info.read_text()).get("curriculum_history") if info.exists() else None
 
 
 def throughput_markdown(summary: dict) -> str:
@@ -314,13 +208,14 @@ def _write(path: Path, text: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m chemlit.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    rep = sub.add_parser("report", help="ablations + one report on the pipeline's test molecules")
-    rep.add_argument("--runs", default="runs/pipeline")
+    rep = sub.add_parser("report", help="one report.md from finished pipeline runs (trains nothing)")
+    rep.add_argument("--runs", default="runs/pipeline", help="the default pipeline run (random split)")
+    rep.add_argument("--long", help="a longer pipeline run on the same split")
+    rep.add_argument("--scaffold", help="a pipeline run with --split scaffold")
+    rep.add_argument("--source", help="a pipeline run with --split source")
     rep.add_argument("--configs", default="configs/quickstart")
     rep.add_argument("--table", default="builtin")
     rep.add_argument("--out", default="chemlit/bench/results")
-    rep.add_argument("--long-ppo-minutes", type=int, default=0,
-                     help="also run the PPO config for this many minutes (beyond the pipeline's budget)")
     abl = sub.add_parser("ablations", help="SFT variants for the same minutes from the pipeline's CPT export")
     abl.add_argument("--runs", default="runs/pipeline")
     abl.add_argument("--configs", default="configs/quickstart")
@@ -348,7 +243,11 @@ def main(argv: list[str] | None = None) -> None:
         print(section)
         replace_throughput_section(Path(args.out) / "report.md", section)
     else:
-        print(report(Path(args.runs), Path(args.out), Path(args.configs), args.table, args.long_ppo_minutes))
+        from chemlit.bench.report import full_report, test_sets_from_args
+
+        test_sets = test_sets_from_args(Path(args.runs), *(Path(p) if p else None
+                                                          for p in (args.long, args.scaffold, args.source)))
+        print(full_report(test_sets, Path(args.out), Path(args.configs), args.table))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import argparse
 import csv
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,49 @@ def model_metrics(predicted: np.ndarray, truth: np.ndarray) -> dict:
             "n": int(predicted.size)}
 
 
+def against_estimate(predicted: np.ndarray, estimate: np.ndarray, truth: np.ndarray, steps: int = 10) -> dict:
+    """What a model adds to an estimate it was given (``data.descriptor_estimate``), on the answers with a number.
+
+    mean_abs_deviation: how far its answers stray from the estimate. error_correlation: of the two error
+    vectors (near 1: the model knows what the estimate knows and little else). The blends w·model +
+    (1 − w)·estimate for w = 0, 1/steps, ..., 1: best_weight is the w of the lowest MAE, best_blend_mae
+    that MAE. best_weight 0 means every step away from the estimate cost accuracy: the model's own
+    corrections were noise.
+    """
+    parsed = ~np.isnan(predicted)
+    p, e, y = predicted[parsed], estimate[parsed], truth[parsed]
+    blends = {w: float(np.mean(np.abs(w * p + (1.0 - w) * e - y))) for w in np.linspace(0.0, 1.0, steps + 1)}
+    best = min(blends, key=blends.get)
+    return {"n": int(parsed.sum()), "mean_abs_deviation": float(np.mean(np.abs(p - e))),
+            "error_correlation": float(np.corrcoef(p - y, e - y)[0, 1]), "best_weight": float(best),
+            "best_blend_mae": blends[best], "model_mae": blends[1.0], "estimate_mae": blends[0.0]}
+
+
+def read_rationales(path: str | Path) -> dict[str, str]:
+    """{smiles: the rationale the model wrote, without its answer line} from a predictions.csv."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        return {row["smiles"]: row.get("rationale", "").split("##Prediction")[0].strip()
+                for row in csv.DictReader(handle)}
+
+
+def rationale_facts(text: str) -> list[str]:
+    """A rationale's facts: its parts between commas, semicolons and full stops ("donors 1", "mass 180")."""
+    return [part.strip() for part in re.split(r"[,;.]\s+|[,;.]$", text.strip()) if part.strip()]
+
+
+def rationale_fidelity(written: dict[str, str], reference: dict[str, str]) -> float:
+    """The share of the reference rationales' facts that the written rationales state word for word,
+    over the molecules both have (each molecule weighs the same). The reference is what the structure-only
+    writer says of the molecule: a model that writes its own counts wrong, or drifts, scores lower."""
+    shares = []
+    for smiles, text in written.items():
+        facts = rationale_facts(reference.get(smiles, ""))
+        if facts:
+            stated = set(rationale_facts(text))
+            shares.append(sum(fact in stated for fact in facts) / len(facts))
+    return float(np.mean(shares)) if shares else math.nan
+
+
 def _row(name: str, predicted: np.ndarray, truth: np.ndarray) -> str:
     m = model_metrics(predicted, truth)
     if m["parse_rate"] == 0:
@@ -96,14 +140,14 @@ def evaluation_columns(predictions: dict[str, dict[str, float]], split_file: str
 def build_report(predictions: dict[str, dict[str, float]], split_file: str, table: str = "builtin",
                  trees: int = 300, pairs: list[tuple[str, str]] | None = None, evaluated=None,
                  intervals: dict[str, dict[str, tuple[float, float]]] | None = None,
-                 notes: list[str] | None = None) -> str:
+                 notes: list[str] | None = None, heading: str = "# Report") -> str:
     """Markdown report. ``pairs`` lists (a, b) for paired ΔMAE = MAE(a) − MAE(b); by default the first
     model against every other model and baseline. ``evaluated``: a result of evaluation_columns
     (the forest is trained once when a caller needs the numbers twice). ``intervals``: per model, the
     (low, high) of each molecule, reported as coverage of the measured values. ``notes``: lines after the
-    header (how the models answered)."""
+    header (how the models answered). ``heading``: the Markdown heading it starts with."""
     train, test, truth, mean, columns = evaluated or evaluation_columns(predictions, split_file, table, trees)
-    lines = [f"# Report: {len(test)} test molecules, {len(train)} training molecules", "",
+    lines = [f"{heading}: {len(test)} test molecules, {len(train)} training molecules", "",
              f"Split file: `{split_file}`. Intervals: 95% bootstrap over molecules (2,000 resamples).", ""]
     lines += [*notes, ""] if notes else []
     lines += ["| model | MAE °C [95% CI] | RMSE °C | R² | parse rate |", "|---|---|---|---|---|"]

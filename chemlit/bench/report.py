@@ -1,0 +1,345 @@
+"""``python -m chemlit.bench report``: one ``report.md`` that carries every measurement of the product.
+
+    python -m chemlit.bench report --runs runs/pipeline [--long runs/long] [--scaffold runs/scaffold]
+                                   [--source runs/source] [--out chemlit/bench/results]
+
+It trains nothing. It reads finished ``python -m chemlit pipeline`` run directories, answers their test
+molecules with their SFT and PPO exports (answers already made are reused), and writes one report:
+
+1. a summary table, one row per test set (the README's table is copied from it);
+2. each test set: the models by the product's decoding (``configs/quickstart/sft.yaml``) beside the
+   mean predictor, a random forest and the gradient boosting the prompt's estimate comes from, all
+   trained on that run's training split; paired bootstrap differences, PPO against SFT first; the
+   intervals' coverage. The default run (``--runs``) also answers greedy and with a median of 8
+   (the decoding ablation), and says what the model adds to the estimate it reads;
+3. the PPO run's story from its TensorBoard logs: reward and success per curriculum level, KL, validation;
+4. the SFT ablations (``ablations.md`` of ``python -m chemlit.bench ablations``) and the throughput
+   benchmark (``throughput.json``), when they are in ``--out``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from chemlit.eval.baselines import GRADIENT_BOOSTING, MEAN, RANDOM_FOREST
+
+SFT, PPO = "SFT", "PPO"
+SUMMARY_HEADING = "## Summary"
+
+
+@dataclass
+class TestSet:
+    """A finished pipeline run and what it stands for in the report."""
+
+    key: str        # random | long | scaffold | source
+    title: str      # the report's name for it
+    runs: Path      # its --runs directory
+    command: str    # how it was made
+
+
+def product_decoding(configs: Path) -> tuple[str, list[str]]:
+    """The decoding ``python -m chemlit predict --config sft.yaml`` uses: its label and explicit arguments."""
+    import yaml
+
+    init = yaml.safe_load((configs / "sft.yaml").read_text())["model"]["init_args"]
+    if init.get("decoding", "median") != "median":
+        return init["decoding"], ["--model.init_args.decoding", init["decoding"]]
+    samples = int(init.get("answer_samples", 32))
+    return f"median of {samples}", ["--model.init_args.decoding", "median", "--model.init_args.answer_samples",
+                                    str(samples)]
+
+
+def decoding_ablation(configs: Path) -> dict[str, list[str]]:
+    """The product's decoding first, then greedy and a median of 8 (the earlier default)."""
+    label, args = product_decoding(configs)
+    others = {"greedy": ["--model.init_args.decoding", "greedy"],
+              "median of 8": ["--model.init_args.decoding", "median", "--model.init_args.answer_samples", "8"]}
+    return {label: args, **{k: v for k, v in others.items() if k != label}}
+
+
+def _slug(label: str) -> str:
+    return label.replace("median of ", "median").replace(" ", "-")
+
+
+def answer(test_set: TestSet, stage: str, label: str, args: list[str], configs: Path, table: str,
+           extra: tuple[str, ...] = ()) -> Path:
+    """predictions.csv of ``stage``'s export on the run's test molecules, made unless an answer newer than
+    the export exists (runs/test-<stage>-<decoding>)."""
+    from chemlit.pipeline import test_predictions
+
+    export = test_set.runs / stage / "export"
+    if not export.is_dir():
+        raise SystemExit(f"chemlit bench report: {export} is missing: finish `{test_set.command}` first")
+    return test_predictions(f"{stage}-{_slug(label)}", export, configs, test_set.runs,
+                            test_set.runs / "cpt" / "splits.csv", table, [*args, *extra])[0]
+
+
+def test_set_section(test_set: TestSet, configs: Path, table: str, decodings: dict[str, list[str]],
+                     extra: tuple[str, ...] = ()) -> tuple[str, dict]:
+    """One test set's section and its summary numbers."""
+    from chemlit.eval.bootstrap import paired_bootstrap_delta
+    from chemlit.eval.report import (
+        against_estimate,
+        build_report,
+        evaluation_columns,
+        rationale_fidelity,
+        read_intervals,
+        read_predictions,
+        read_rationales,
+    )
+
+    predictions, intervals, rationales = {}, {}, {}
+    for label, args in decodings.items():
+        for stage, name in (("ppo", PPO), ("sft", SFT)):
+            csv_path = answer(test_set, stage, label, args, configs, table, extra)
+            predictions[f"{name}, {label}"] = read_predictions(csv_path)
+            intervals[f"{name}, {label}"] = read_intervals(csv_path)
+            if label == next(iter(decodings)):
+                rationales[name] = read_rationales(csv_path)
+    labels = list(decodings)
+    ppo, sft = f"{PPO}, {labels[0]}", f"{SFT}, {labels[0]}"
+    split_file = str(test_set.runs / "cpt" / "splits.csv")
+    evaluated = evaluation_columns(predictions, split_file, table)
+    pairs = [(f"{PPO}, {d}", f"{SFT}, {d}") for d in labels]
+    pairs += [(ppo, RANDOM_FOREST), (sft, RANDOM_FOREST), (ppo, GRADIENT_BOOSTING), (sft, GRADIENT_BOOSTING),
+              (ppo, MEAN)]
+    pairs += [(f"{name}, {labels[0]}", f"{name}, {d}") for name in (SFT, PPO) for d in labels[1:]]
+    text = build_report(predictions, split_file, table, pairs=pairs, evaluated=evaluated, intervals=intervals,
+                        notes=[f"Made by `{test_set.command}`{_commit_note(test_set.runs)}; answers by "
+                               f"`python -m chemlit predict --config configs/quickstart/sft.yaml` on its exports."],
+                        heading=f"## {test_set.title}")
+    _, _, truth, mean, columns = evaluated
+    filled = {n: np.where(np.isnan(v), mean, v) for n, v in columns.items()}
+    errors = {n: np.abs(v - truth) for n, v in filled.items()}
+    added = {name: against_estimate(columns[name], columns[GRADIENT_BOOSTING], truth) for name in (sft, ppo)}
+    text = text.rstrip("\n") + "\n\n" + _estimate_table(added) + "\n"
+    style = rationale_style(test_set.runs / "sft" / "export", configs)
+    fidelity = {name: rationale_fidelity(written, reference_rationales(written, style))
+                for name, written in rationales.items()}
+    text += ("\nRationale fidelity: the share of each molecule's structural facts (the parts of the rationale "
+             f"the structure-only writer gives it, {style} style) that the model's greedy rationale states word "
+             "for word: " + ", ".join(f"{name} {value:.1%}" for name, value in fidelity.items()) + ".\n")
+    summary = {"title": test_set.title, "n": len(truth), "decoding": labels[0],
+               **{key: mae_cell(columns[name], truth) for key, name in
+                  (("sft", sft), ("ppo", ppo), ("forest", RANDOM_FOREST), ("boosting", GRADIENT_BOOSTING),
+                   ("mean", MEAN))},
+               "ppo_minus_sft": paired_bootstrap_delta(errors[ppo], errors[sft]),
+               "ppo_minus_forest": paired_bootstrap_delta(errors[ppo], errors[RANDOM_FOREST]),
+               "fidelity": fidelity,
+               "parity": {sft: columns[sft], ppo: columns[ppo], "the estimate alone (gradient boosting)":
+                          columns[GRADIENT_BOOSTING]}, "truth": truth}
+    return text, summary
+
+
+def rationale_style(export: Path, configs: Path) -> str:
+    """The rationale style a model learned: its export's record, else the SFT config's."""
+    import yaml
+
+    info = export / "chemlit_export.json"
+    style = json.loads(info.read_text()).get("rationale_style") if info.exists() else None
+    return style or yaml.safe_load((configs / "sft.yaml").read_text())["data"].get("rationale_style", "full")
+
+
+def reference_rationales(written: dict[str, str], style: str) -> dict[str, str]:
+    """What the structure-only writer says of each molecule the model wrote for."""
+    from chemlit.data.rationale import write_rationale
+
+    return {smiles: write_rationale(smiles, style) for smiles in written}
+
+
+def mae_cell(predicted: np.ndarray, truth: np.ndarray) -> str:
+    """"MAE [low, high]" over the answers with a number, as the section's table writes it; the parse rate
+    when some had none."""
+    from chemlit.eval.report import model_metrics
+
+    m = model_metrics(predicted, truth)
+    if m["parse_rate"] == 0:
+        return "no answer with a number"
+    cell = f"{m['mae']:.1f} [{m['mae_low']:.1f}, {m['mae_high']:.1f}]"
+    return cell if m["parse_rate"] == 1 else f"{cell} ({m['parse_rate']:.0%} parsed)"
+
+
+def _estimate_table(added: dict[str, dict]) -> str:
+    lines = ["What the language model adds to the estimate it reads (gradient boosting, the same model as "
+             "the prompt's `Descriptor estimate`): blends w·model + (1 − w)·estimate on the same molecules.", "",
+             "| model | mean distance from the estimate °C | correlation of the two errors | best w | MAE of the best blend "
+             "| model MAE | estimate MAE |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {a['mean_abs_deviation']:.1f} | {a['error_correlation']:.2f} | {a['best_weight']:.1f} | "
+              f"{a['best_blend_mae']:.1f} | {a['model_mae']:.1f} | {a['estimate_mae']:.1f} |"
+              for name, a in added.items()]
+    return "\n".join(lines)
+
+
+def summary_table(rows: list[dict]) -> str:
+    """One row per test set: MAE °C [95 % CI] of SFT and PPO by the product's decoding and of the baselines."""
+    lines = [SUMMARY_HEADING, "",
+             "MAE °C [95 % bootstrap CI] on each test set's molecules; SFT and PPO answer by "
+             f"{rows[0]['decoding']} (the product's decoding); the baselines are trained on the same training "
+             "split. Paired differences: negative = PPO better.", "",
+             "| test set | molecules | SFT | PPO | PPO − SFT | random forest | gradient boosting (the estimate alone) "
+             "| mean predictor | PPO − forest | rationale facts right: SFT / PPO |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fidelity = " / ".join(f"{r['fidelity'][name]:.0%}" for name in (SFT, PPO))
+        lines.append(f"| {r['title']} | {r['n']:,} | {r['sft']} | {r['ppo']} | {r['ppo_minus_sft']} | {r['forest']} "
+                     f"| {r['boosting']} | {r['mean']} | {r['ppo_minus_forest']} | {fidelity} |")
+    return "\n".join(lines)
+
+
+def ppo_story(run_dir: Path) -> str:
+    """The PPO run's TensorBoard scalars in numbers: per curriculum level, and the KL and validation."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list] = {}
+    for path in sorted(run_dir.glob("version_*/events.out.tfevents*")):
+        events = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(events.Scalars(tag))
+    if "ppo/score_mean" not in scalars:
+        return ""
+
+    def ends(tag: str, n: int = 10) -> str:
+        values = [e.value for e in scalars.get(tag, [])]
+        if not values:
+            return "–"
+        return f"{np.mean(values[:n]):.2f} → {np.mean(values[-n:]):.2f}"
+
+    levels = sorted({t.rsplit("_", 1)[1] for t in scalars if t.startswith("curriculum/score_mean_")},
+                    key=lambda level: -float(level.rstrip("C")))
+    lines = [f"## The PPO run, from its TensorBoard logs (`{run_dir}`)", "",
+             f"{len(scalars['ppo/score_mean'])} iterations. Means of the first and the last 10 logged values:", "",
+             "| curriculum level (tolerance) | iterations | from iteration | mean score | success rate |",
+             "|---|---|---|---|---|"]
+    for level in levels:
+        score = scalars[f"curriculum/score_mean_{level}"]
+        lines.append(f"| {level.replace('C', ' °C')} | {len(score)} | {score[0].step} | "
+                     f"{ends(f'curriculum/score_mean_{level}')} | {ends(f'curriculum/success_rate_{level}')} |")
+    lines += ["", "| quantity | first → last |", "|---|---|"]
+    for tag, what in (("ppo/kl_per_sequence", "KL per answer to the reference (nats)"), ("ppo/kl_coef", "β"),
+                      ("ppo/entropy", "entropy per token"), ("ppo/sample_mae", "MAE of the sampled answers °C"),
+                      ("ppo/greedy_mae", "MAE of the greedy answers °C"),
+                      ("ppo/explained_variance", "explained variance of the value head")):
+        lines.append(f"| {what} | {ends(tag)} |")
+    val = scalars.get("val/mae", [])
+    if val:
+        lines.append(f"| validation MAE °C (greedy, at iterations {', '.join(str(e.step) for e in val)}) | "
+                     + " → ".join(f"{e.value:.1f}" for e in val) + " |")
+    return "\n".join(lines)
+
+
+def run_record(runs: Path) -> dict:
+    """The run's ``pipeline_run.json`` (command, commit, date, minutes per part), {} when it has none."""
+    from chemlit.pipeline import RUN_RECORD
+
+    path = runs / RUN_RECORD
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _commit_note(runs: Path) -> str:
+    record = run_record(runs)
+    if not record:
+        return " (no pipeline_run.json: the command is the documented one, not a record)"
+    parts = ", ".join(f"{part} {minutes}" for part, minutes in record.get("parts_minutes", {}).items())
+    return (f" at commit {record.get('commit', '?')}, finished {record.get('finished', '?')}, "
+            f"{record.get('minutes', '?')} min in all ({parts} min)"
+            + (f", precision auto: {record['precision_auto']}" if record.get("precision_auto") else ""))
+
+
+def _head_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def full_report(test_sets: list[TestSet], out: Path, configs: Path, table: str = "builtin",
+                extra: tuple[str, ...] = ()) -> str:
+    """Every section in one ``out/report.md`` (and ``report.csv``: the summary numbers); returns the text.
+    ``extra``: more arguments for every answering run (tests shorten the answers with it)."""
+    from chemlit.bench.__main__ import _write, machine, throughput_markdown
+    from chemlit.data.files import write_csv
+
+    sections, rows = [], []
+    for i, test_set in enumerate(test_sets):
+        decodings = decoding_ablation(configs) if i == 0 else dict([next(iter(decoding_ablation(configs).items()))])
+        text, summary = test_set_section(test_set, configs, table, decodings, tuple(extra))
+        sections.append(text)
+        rows.append(summary)
+    story = ppo_story(test_sets[0].runs / "ppo")
+    commands = "\n".join(f"    {t.command}" for t in test_sets)
+    header = [f"# chemlit report: {len(test_sets)} test set{'s' if len(test_sets) > 1 else ''}", "",
+              f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. Report made at commit {_head_commit()} by:",
+              "", f"    python -m chemlit.bench report {_report_args(test_sets)}", "", "after:", "", commands, ""]
+    parts = ["\n".join(header), summary_table(rows), *sections]
+    if story:
+        parts.append(story)
+    ablations = out / "ablations.md"
+    if ablations.exists():
+        text = ablations.read_text(encoding="utf-8")
+        parts.append("## SFT ablations (`ablations.md`, copied)\n\n" + text.replace("\n## ", "\n### ")
+                     .replace("# Report:", "Test molecules:", 1))
+    throughput = out / "throughput.json"
+    if throughput.exists():
+        parts.append(throughput_markdown(json.loads(throughput.read_text())))
+    report = "\n\n".join(p.rstrip("\n") for p in parts) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out / "report.md", report)
+    parity_png(out / "parity.png", rows[0]["parity"], rows[0]["truth"])
+    write_csv([{"test set": r["title"], "molecules": r["n"], "decoding": r["decoding"],
+                **{f"{k} MAE [95% CI]": r[k] for k in ("sft", "ppo", "forest", "boosting", "mean")},
+                "PPO - SFT": str(r["ppo_minus_sft"]), "PPO - forest": str(r["ppo_minus_forest"]),
+                **{f"{name} rationale fidelity": round(v, 4) for name, v in r["fidelity"].items()}} for r in rows],
+              out / "report.csv")
+    return report
+
+
+def parity_png(path: Path, models: dict, truth: np.ndarray) -> None:
+    """Predicted vs measured for the default run's test molecules, one panel per model (for the README)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from chemlit.data.files import write_whole
+    from chemlit.eval.plots import parity_figure
+
+    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 4.5), dpi=100)
+    for ax, (name, values) in zip(np.atleast_1d(axes), models.items()):
+        parity_figure(values.tolist(), truth.tolist(), name, ax=ax)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    write_whole(path, buffer.getvalue())
+
+
+def _report_args(test_sets: list[TestSet]) -> str:
+    flags = {"random": "--runs", "long": "--long", "scaffold": "--scaffold", "source": "--source"}
+    return " ".join(f"{flags[t.key]} {t.runs}" for t in test_sets)
+
+
+TITLES = {"random": "Random split, the default pipeline (30-minute budget)",
+          "long": "Random split, a longer run",
+          "scaffold": "Murcko-scaffold split",
+          "source": "Out-of-source split: train on one source, test on the molecules only the other has"}
+COMMANDS = {"random": "python -m chemlit pipeline --runs {runs}",
+            "long": "python -m chemlit pipeline --runs {runs} --minutes 50 --stage-args sft \"--trainer.max_epochs 8\" "
+                    "--stage-args ppo \"--trainer.limit_train_batches 1000\"",
+            "scaffold": "python -m chemlit pipeline --runs {runs} --split scaffold --minutes 12",
+            "source": "python -m chemlit pipeline --runs {runs} --split source --minutes 12"}
+
+
+def test_sets_from_args(runs: Path, long: Path | None, scaffold: Path | None, source: Path | None) -> list[TestSet]:
+    """The run directories given, each with the command its pipeline_run.json recorded (or the documented one)."""
+    given = {"random": runs, "long": long, "scaffold": scaffold, "source": source}
+    return [TestSet(key, TITLES[key], path, run_record(path).get("command") or COMMANDS[key].format(runs=path))
+            for key, path in given.items() if path]
