@@ -83,8 +83,13 @@ def test_cpt_blocks_are_packed_text_without_values(datamodule):
 def test_rl_batch_holds_prompts_and_targets(datamodule):
     dm = datamodule(stage="rl")
     batch = next(iter(dm.val_dataloader()))
-    assert set(batch) == {"prompt_ids", "prompt_mask", "targets", "smiles"}
+    # and each molecule's written example, for PPO's rationale_anchor
+    assert set(batch) == {"prompt_ids", "prompt_mask", "targets", "smiles", "rationale_ids", "rationale_mask",
+                          "rationale_labels"}
     assert batch["prompt_ids"].shape[0] == batch["targets"].shape[0] == len(batch["smiles"])
+    assert batch["rationale_ids"].shape == batch["rationale_labels"].shape
+    plain = next(iter(datamodule(stage="rl", use_rationale=False).val_dataloader()))
+    assert set(plain) == {"prompt_ids", "prompt_mask", "targets", "smiles"}
 
 
 def test_skip_mode_writes_skipped_rows(tmp_path):

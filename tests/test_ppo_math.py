@@ -203,3 +203,19 @@ def test_whitening_over_shards_equals_whitening_the_whole_batch():
         mine = pm.masked_whiten(shard_x, shard_mask, reduce_sum=all_reduce(i))
         torch.testing.assert_close(mine, whole[:3] if i == 0 else whole[3:])
     assert not torch.allclose(pm.masked_whiten(x[:3], mask[:3]), whole[:3])  # one shard alone whitens differently
+
+
+def test_ppo_loss_adds_the_written_rationales_mean_nll_with_its_weight():
+    logprobs, old = t([[-1.0, -2.0]]), t([[-1.0, -2.0]])
+    values, returns, advantages, mask = t([[0.5, 0.2]]), t([[1.0, 0.0]]), t([[1.0, -1.0]]), torch.ones(1, 2)
+    written = t([[-0.5, -1.5, -9.0]]).requires_grad_()
+    written_mask = torch.tensor([[True, True, False]])      # the third token is not the rationale's
+    plain, _ = pm.ppo_loss(logprobs, values, old, values, advantages, returns, mask, pm.LossSpec())
+    loss, stats = pm.ppo_loss(logprobs, values, old, values, advantages, returns, mask, pm.LossSpec(anchor_coef=0.5),
+                              anchor_logprobs=written, anchor_mask=written_mask)
+    assert stats["rationale_nll"].item() == pytest.approx(1.0)          # mean of 0.5 and 1.5
+    assert loss.item() == pytest.approx(plain.item() + 0.5 * 1.0)
+    loss.backward()
+    assert written.grad.tolist() == [[-0.25, -0.25, 0.0]]                # raises the rationale's log-probs
+    with pytest.raises(ValueError, match="anchor"):
+        pm.ppo_loss(logprobs, values, old, values, advantages, returns, mask, pm.LossSpec(anchor_coef=0.5))

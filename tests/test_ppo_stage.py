@@ -289,3 +289,34 @@ def test_a_nan_gradient_with_a_finite_loss_is_skipped_and_counted(tiny_table, tm
     assert module.skipped_minibatches == 4
     for name, value in module.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+def test_rationale_anchor_holds_the_model_to_its_written_rationales(tiny_table, tmp_path):
+    """ppo.rationale_anchor adds the written rationale's negative log-likelihood to every minibatch's loss:
+    the labels are exactly the written rationale (not the prompt, not the answer line), and the same PPO
+    run makes those rationales far more likely with the anchor than without it."""
+    from types import SimpleNamespace
+
+    from chemlit.data.datamodule import IGNORE_INDEX
+    from chemlit.data.rationale import write_rationale
+
+    nll = {}
+    for anchor in (0.0, 1.0):
+        L.seed_everything(0)
+        module = tiny_ppo(ppo=dict(rationale="greedy", max_new_tokens=8, answer_max_new_tokens=4,
+                                   ppo_epochs=2, rationale_anchor=anchor))
+        data = tiny_data(tiny_table, tmp_path / str(anchor), rationale_style="compact")
+        trainer(tmp_path / str(anchor), limit_train_batches=8).fit(module, data)
+        batch = data.collate_rl(data.examples("train")[:8])
+        labels = batch["rationale_labels"]
+        for i, smiles in enumerate(batch["smiles"]):  # the labelled tokens are the written rationale, whole
+            written = module.tokenizer.decode(labels[i][labels[i] != IGNORE_INDEX], skip_special_tokens=True)
+            assert written.strip() == write_rationale(smiles, "compact").strip()
+        held = SimpleNamespace(written_ids=batch["rationale_ids"], written_mask=batch["rationale_mask"],
+                               written_labels=labels)
+        with torch.no_grad():
+            logprobs, mask = module.written_logprobs(held, torch.arange(8))
+        nll[anchor] = -(logprobs * mask).sum().item() / mask.sum().item()
+    assert nll[1.0] < nll[0.0] - 1.0, nll
+    with pytest.raises(ValueError, match="rationale_anchor"):
+        tiny_ppo(ppo=dict(rationale_anchor=-1.0))

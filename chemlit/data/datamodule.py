@@ -291,6 +291,12 @@ class RationaleDataModule(L.LightningDataModule):
             self._rationales[record.smiles] = write_rationale(record.smiles, self.rationale_style)
         return self._rationales[record.smiles]
 
+    def use_rationale_style(self, style: RationaleStyle) -> None:
+        """Write rationales in ``style`` from now on (a model's export says which style it learned)."""
+        if style != self.rationale_style:
+            self.rationale_style = style
+            self._rationales.clear()
+
     def reference_set(self) -> ReferenceSet:
         """The molecules analogues are retrieved from: the training split's, unless a stage handed
         in the one its model was trained with (``use_reference``)."""
@@ -424,8 +430,16 @@ class RationaleDataModule(L.LightningDataModule):
         }
 
     def collate_rl(self, examples: list[Example]) -> dict:
+        """Prompts and measured values; with rationales also each molecule's whole written example
+        (``rationale_ids``/``rationale_mask``) and ``rationale_labels``, the written rationale's tokens
+        and IGNORE_INDEX elsewhere (prompt, answer line): what PPO's ``rationale_anchor`` holds it to."""
         tok = self._require_tokenizer()
-        return self._prompt_batch(examples, [[tok.bos_token_id] + self._encode(ex.prompt) for ex in examples])
+        batch = self._prompt_batch(examples, [[tok.bos_token_id] + self._encode(ex.prompt) for ex in examples])
+        if self.use_rationale:
+            written = self.collate_sft(examples)
+            batch.update(rationale_ids=written["input_ids"], rationale_mask=written["attention_mask"],
+                         rationale_labels=written["labels"].masked_fill(written["answer_mask"].bool(), IGNORE_INDEX))
+        return batch
 
     def packed_blocks(self, split: str) -> torch.Tensor:
         """CPT: all texts of a split joined with EOS and cut into (N, max_length) blocks."""

@@ -187,21 +187,28 @@ class LossSpec:
     vf_coef: float = 0.1            # weight of the value loss
     ent_coef: float = 0.0           # weight of the entropy bonus
     kl_loss_coef: float = 0.0       # β of a k2 KL term in the loss (0 when the penalty is in the reward)
+    anchor_coef: float = 0.0        # weight of the written rationale's negative log-likelihood (drift guard)
 
 
 def ppo_loss(logprobs: torch.Tensor, values: torch.Tensor, old_logprobs: torch.Tensor, old_values: torch.Tensor,
              advantages: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, spec: LossSpec,
-             ref_logprobs: Optional[torch.Tensor] = None, entropy: Optional[torch.Tensor] = None
+             ref_logprobs: Optional[torch.Tensor] = None, entropy: Optional[torch.Tensor] = None,
+             anchor_logprobs: Optional[torch.Tensor] = None, anchor_mask: Optional[torch.Tensor] = None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The whole PPO loss of one minibatch, and what to log about it (CleanRL's names).
 
     loss = policy_loss + vf_coef · value_loss - ent_coef · entropy + kl_loss_coef · masked_mean(k2)
+           + anchor_coef · rationale_nll
 
     logprobs, values (b, T): the current policy and critic (with gradients); old_logprobs,
     old_values, advantages, returns, mask (b, T): from the rollout; ref_logprobs (b, T): the frozen
     reference (needed when kl_loss_coef > 0, where ½(log π - log π_ref)² is differentiated: its
     gradient is ∇KL(π || π_ref) on-policy); entropy (b, T): token entropies (``token_entropy``),
-    or None when ent_coef is 0 and it is not logged. Returns the scalar loss and detached statistics.
+    or None when ent_coef is 0 and it is not logged. anchor_logprobs, anchor_mask (g, L): log-probs
+    of the tokens of the molecules' *written* rationales (teacher-forced, the SFT targets) and 1 on
+    those tokens: their mean negative log-likelihood, ``rationale_nll``, keeps the rationale the
+    model writes from drifting while only the answer line is rewarded (InstructGPT's PPO-ptx, on the
+    rationale alone). Returns the scalar loss and detached statistics.
     """
     pg_loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs, advantages, mask, spec.clip_range)
     v_loss, v_clipfrac = value_loss(values, old_values, returns, mask, spec.clip_range_value)
@@ -220,6 +227,12 @@ def ppo_loss(logprobs: torch.Tensor, values: torch.Tensor, old_logprobs: torch.T
         kl_loss = masked_mean(kl_estimate(logprobs, ref_logprobs, "k2"), mask)
         loss = loss + spec.kl_loss_coef * kl_loss
         stats["kl_loss"] = kl_loss
+    if spec.anchor_coef:
+        if anchor_logprobs is None or anchor_mask is None:
+            raise ValueError("ppo_loss: anchor_coef > 0 needs anchor_logprobs and anchor_mask")
+        rationale_nll = -masked_mean(anchor_logprobs, anchor_mask)
+        loss = loss + spec.anchor_coef * rationale_nll
+        stats["rationale_nll"] = rationale_nll
     with torch.no_grad():
         log_ratio = logprobs - old_logprobs
         stats["old_approx_kl"] = masked_mean(-log_ratio, mask)         # k1 between π_old and π

@@ -175,6 +175,12 @@ class StageModule(L.LightningModule):
             log.warning("%s was trained without a descriptor estimate in its prompts: data.descriptor_estimate is "
                         "turned off", self.model_spec.path)
             datamodule.descriptor_estimate = False
+        style = info.get("rationale_style") if info.get("stage") in ("sft", "ppo") else None
+        if style and hasattr(datamodule, "use_rationale_style") and datamodule.rationale_style != style:
+            # rationales written for this model (PPO's rationale_anchor) in the style it learned to write
+            log.info("%s learned %s rationales: data.rationale_style %s -> %s", self.model_spec.path, style,
+                     datamodule.rationale_style, style)
+            datamodule.use_rationale_style(style)
         saved = Path(self.model_spec.path) / REFERENCE_FILE
         if not saved.is_file():
             return
@@ -310,7 +316,8 @@ class StageModule(L.LightningModule):
                 "split_file": str(datamodule.split_file or datamodule.output_dir() / "splits.csv"),
                 "lora": None if self.lora is None or not self.lora.enabled else vars(self.lora),
                 "analogues": getattr(datamodule, "analogues", 0),
-                "descriptor_estimate": getattr(datamodule, "descriptor_estimate", False), "global_step": self.global_step}
+                "descriptor_estimate": getattr(datamodule, "descriptor_estimate", False),
+                "rationale_style": getattr(datamodule, "rationale_style", None), "global_step": self.global_step}
 
     # ------------------------------------------------------------------ Ctrl-C and SIGTERM: stop cleanly, resumable
     def catch_stop_signals(self) -> None:
