@@ -231,7 +231,7 @@ def write_run_record(runs: Path, argv: list[str], seconds: float, result: dict) 
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     chosen = os.environ.get(AUTO_ENV, "")  # "<key>|<precision>|<reason>"
-    record = {"command": "python -m chemlit pipeline " + shlex.join(argv), "commit": commit,
+    record = {"command": ("python -m chemlit pipeline " + shlex.join(argv)).strip(), "commit": commit,
               "finished": time.strftime("%Y-%m-%d %H:%M"), "minutes": round(seconds / 60, 1),
               "parts_minutes": {part: round(s / 60, 1) for part, s in result["timings"].items()},
               "precision_auto": chosen.split("|", 2)[1] if chosen.count("|") >= 2 else None}
