@@ -78,6 +78,11 @@ def test_rationale_fidelity_counts_the_structural_facts_stated_word_for_word():
     assert rationale_fidelity(reference, reference) == 1.0
     wrong = reference[aspirin].replace("donors 1", "donors 2")            # one count wrong out of len(facts)
     assert rationale_fidelity({aspirin: wrong}, reference) == pytest.approx(1 - 1 / len(facts))
+    # word for word: "donors 12" does not state "donors 1"; facts the model adds cost nothing, facts it omits do
+    assert rationale_fidelity({aspirin: reference[aspirin].replace("donors 1", "donors 12")}, reference) \
+        == pytest.approx(1 - 1 / len(facts))
+    assert rationale_fidelity({aspirin: reference[aspirin] + " nitro, urea."}, reference) == 1.0
+    assert rationale_fidelity({aspirin: "donors 1, acceptors 3"}, reference) == pytest.approx(2 / len(facts))
     # each molecule weighs the same; a molecule without a reference is left out
     both = rationale_fidelity({aspirin: wrong, ethanol: "", "C": "x"}, reference)
     assert both == pytest.approx((1 - 1 / len(facts) + 0.0) / 2)
