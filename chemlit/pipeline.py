@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chemlit.cli import main as cli_main
+from chemlit.data.files import write_whole
 from chemlit.hardware import AUTO_ENV
 
 
@@ -208,28 +209,30 @@ def run_pipeline(configs: Path, runs: Path, table: str = "builtin", fresh: bool 
              "percentile; greedy = the most likely tokens."]
     report = build_report(predictions, str(split_file), table, intervals=intervals, notes=notes) if predictions else ""
     if report:
-        tmp = runs / f"report.md.tmp{os.getpid()}"
-        tmp.write_text(report, encoding="utf-8")
-        os.replace(tmp, runs / "report.md")
+        write_whole(runs / "report.md", report)
     return {"runs": runs, "timings": timings, "cpu_use": cpu_use, "cores": cores, "report": report}
 
 
 RUN_RECORD = "pipeline_run.json"
 
 
+def code_commit() -> str:
+    """The short commit of the chemlit code that is running ("unknown" outside a git checkout)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def write_run_record(runs: Path, argv: list[str], seconds: float, result: dict) -> Path:
     """runs/pipeline_run.json: the command, the code's commit, the date, and each part's minutes -- what
     ``python -m chemlit.bench report`` says of the run (a resumed run records its last invocation)."""
     import json
-    import subprocess
 
-    from chemlit.data.files import write_whole
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                                cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = code_commit()
     chosen = os.environ.get(AUTO_ENV, "")  # "<key>|<precision>|<reason>"
     record = {"command": ("python -m chemlit pipeline " + shlex.join(argv)).strip(), "commit": commit,
               "finished": time.strftime("%Y-%m-%d %H:%M"), "minutes": round(seconds / 60, 1),

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from chemlit.cli import main as cli_main
+from chemlit.data.files import write_whole
 from chemlit.eval.baselines import GRADIENT_BOOSTING, RANDOM_FOREST
 from chemlit.pipeline import STAGES, stage_args, test_predictions
 
@@ -158,7 +159,7 @@ def sft_ablations(runs: Path, out: Path, configs: Path, table: str, minutes: int
                     f"{forgetting} |")
     text = text.rstrip("\n") + "\n" + "\n".join(rows) + "\n"
     out.mkdir(parents=True, exist_ok=True)
-    _write(out / "ablations.md", text)
+    write_whole(out / "ablations.md", text)
     return text
 
 
@@ -188,7 +189,7 @@ def replace_throughput_section(path: Path, section: str) -> None:
     if path.exists():
         text = path.read_text(encoding="utf-8")
         start = text.find(THROUGHPUT_HEADING)
-        _write(path, (text[:start] if start >= 0 else text.rstrip("\n") + "\n\n") + section)
+        write_whole(path, (text[:start] if start >= 0 else text.rstrip("\n") + "\n\n") + section)
 
 
 def _throughput_row(name: str, result: dict) -> str:
@@ -198,11 +199,6 @@ def _throughput_row(name: str, result: dict) -> str:
             f"{', '.join(f'{x:.0f}' for x in lengths)} | {result['samples_per_second']:.1f} | "
             + (f"{tokens_per_second:.0f} |" if tokens_per_second else "– |"))
 
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,15 +94,15 @@ def test_set_section(test_set: TestSet, configs: Path, table: str, decodings: di
         read_rationales,
     )
 
+    labels = list(decodings)
     predictions, intervals, rationales = {}, {}, {}
     for label, args in decodings.items():
         for stage, name in (("ppo", PPO), ("sft", SFT)):
             csv_path = answer(test_set, stage, label, args, configs, table, extra)
             predictions[f"{name}, {label}"] = read_predictions(csv_path)
             intervals[f"{name}, {label}"] = read_intervals(csv_path)
-            if label == next(iter(decodings)):
+            if label == labels[0]:
                 rationales[name] = read_rationales(csv_path)
-    labels = list(decodings)
     ppo, sft = f"{PPO}, {labels[0]}", f"{SFT}, {labels[0]}"
     split_file = str(test_set.runs / "cpt" / "splits.csv")
     evaluated = evaluation_columns(predictions, split_file, table)
@@ -121,13 +120,13 @@ def test_set_section(test_set: TestSet, configs: Path, table: str, decodings: di
     added = {name: against_estimate(columns[name], columns[GRADIENT_BOOSTING], truth) for name in (sft, ppo)}
     text = text.rstrip("\n") + "\n\n" + _estimate_table(added) + "\n"
     style = rationale_style(test_set.runs / "sft" / "export", configs)
-    fidelity = {name: rationale_fidelity(written, reference_rationales(written, style))
-                for name, written in rationales.items()}
+    reference = reference_rationales(rationales[SFT], style)   # SFT and PPO answered the same molecules
+    fidelity = {name: rationale_fidelity(written, reference) for name, written in rationales.items()}
     text += ("\nRationale fidelity: the share of each molecule's structural facts (the parts of the rationale "
              f"the structure-only writer gives it, {style} style) that the model's greedy rationale states word "
              "for word: " + ", ".join(f"{name} {value:.1%}" for name, value in fidelity.items()) + ".\n")
     summary = {"title": test_set.title, "n": len(truth), "decoding": labels[0],
-               **{key: mae_cell(columns[name], truth) for key, name in
+               **{key: summary_cell(columns[name], truth) for key, name in
                   (("sft", sft), ("ppo", ppo), ("forest", RANDOM_FOREST), ("boosting", GRADIENT_BOOSTING),
                    ("mean", MEAN))},
                "ppo_minus_sft": paired_bootstrap_delta(errors[ppo], errors[sft]),
@@ -154,16 +153,12 @@ def reference_rationales(written: dict[str, str], style: str) -> dict[str, str]:
     return {smiles: write_rationale(smiles, style) for smiles in written}
 
 
-def mae_cell(predicted: np.ndarray, truth: np.ndarray) -> str:
-    """"MAE [low, high]" over the answers with a number, as the section's table writes it; the parse rate
-    when some had none."""
-    from chemlit.eval.report import model_metrics
+def summary_cell(predicted: np.ndarray, truth: np.ndarray) -> str:
+    """The section table's MAE cell, with the parse rate when some answers had no number."""
+    from chemlit.eval.report import mae_cell, model_metrics
 
     m = model_metrics(predicted, truth)
-    if m["parse_rate"] == 0:
-        return "no answer with a number"
-    cell = f"{m['mae']:.1f} [{m['mae_low']:.1f}, {m['mae_high']:.1f}]"
-    return cell if m["parse_rate"] == 1 else f"{cell} ({m['parse_rate']:.0%} parsed)"
+    return mae_cell(m) if m["parse_rate"] in (0, 1) else f"{mae_cell(m)} ({m['parse_rate']:.0%} parsed)"
 
 
 def _estimate_table(added: dict[str, dict]) -> str:
@@ -253,20 +248,14 @@ def _commit_note(runs: Path) -> str:
             + (f", precision auto: {record['precision_auto']}" if record.get("precision_auto") else ""))
 
 
-def _head_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
 
 def full_report(test_sets: list[TestSet], out: Path, configs: Path, table: str = "builtin",
                 extra: tuple[str, ...] = ()) -> str:
     """Every section in one ``out/report.md`` (and ``report.csv``: the summary numbers); returns the text.
     ``extra``: more arguments for every answering run (tests shorten the answers with it)."""
-    from chemlit.bench.__main__ import _write, machine, throughput_markdown
-    from chemlit.data.files import write_csv
+    from chemlit.bench.__main__ import machine, throughput_markdown
+    from chemlit.data.files import write_csv, write_whole
+    from chemlit.pipeline import code_commit
 
     sections, rows = [], []
     for i, test_set in enumerate(test_sets):
@@ -277,7 +266,7 @@ def full_report(test_sets: list[TestSet], out: Path, configs: Path, table: str =
     story = ppo_story(test_sets[0].runs / "ppo")
     commands = "\n".join(f"    {t.command}" for t in test_sets)
     header = [f"# chemlit report: {len(test_sets)} test set{'s' if len(test_sets) > 1 else ''}", "",
-              f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. Report made at commit {_head_commit()} by:",
+              f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. Report made at commit {code_commit()} by:",
               "", f"    python -m chemlit.bench report {_report_args(test_sets)}", "", "after:", "", commands, ""]
     parts = ["\n".join(header), summary_table(rows), *sections]
     if story:
@@ -292,7 +281,7 @@ def full_report(test_sets: list[TestSet], out: Path, configs: Path, table: str =
         parts.append(throughput_markdown(json.loads(throughput.read_text())))
     report = "\n\n".join(p.rstrip("\n") for p in parts) + "\n"
     out.mkdir(parents=True, exist_ok=True)
-    _write(out / "report.md", report)
+    write_whole(out / "report.md", report)
     parity_png(out / "parity.png", rows[0]["parity"], rows[0]["truth"])
     write_csv([{"test set": r["title"], "molecules": r["n"], "decoding": r["decoding"],
                 **{f"{k} MAE [95% CI]": r[k] for k in ("sft", "ppo", "forest", "boosting", "mean")},

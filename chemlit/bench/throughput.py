@@ -26,6 +26,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from chemlit.data.files import write_whole
+
 TRL_INSTALL = "pip install --no-deps --target {trl_dir} trl==0.11.4 tyro docstring_parser shtab typeguard"
 
 
@@ -150,7 +152,5 @@ def run(out_dir: Path, trl_dir: Path, prompts: int = 16, samples_per_prompt: int
              "torch_threads": torch.get_num_threads()}
     summary = summarize(setup, ours, theirs)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp_out = out_dir / f"throughput.json.tmp{os.getpid()}"
-    tmp_out.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp_out, out_dir / "throughput.json")
+    write_whole(out_dir / "throughput.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -434,12 +434,13 @@ class RationaleDataModule(L.LightningDataModule):
         (``rationale_ids``/``rationale_mask``) and ``rationale_labels``, the written rationale's tokens
         and IGNORE_INDEX elsewhere (prompt, answer line): what PPO's ``rationale_anchor`` holds it to."""
         tok = self._require_tokenizer()
-        batch = self._prompt_batch(examples, [[tok.bos_token_id] + self._encode(ex.prompt) for ex in examples])
-        if self.use_rationale:
-            written = self.collate_sft(examples)
-            batch.update(rationale_ids=written["input_ids"], rationale_mask=written["attention_mask"],
-                         rationale_labels=written["labels"].masked_fill(written["answer_mask"].bool(), IGNORE_INDEX))
-        return batch
+        if not self.use_rationale:
+            return self._prompt_batch(examples, [[tok.bos_token_id] + self._encode(ex.prompt) for ex in examples])
+        written = self.collate_sft(examples)  # its prompt batch too: each prompt encoded once
+        rationale_labels = written["labels"].masked_fill(written["answer_mask"].bool(), IGNORE_INDEX)
+        return {key: written[key] for key in ("prompt_ids", "prompt_mask", "targets", "smiles")} | {
+            "rationale_ids": written["input_ids"], "rationale_mask": written["attention_mask"],
+            "rationale_labels": rationale_labels}
 
     def packed_blocks(self, split: str) -> torch.Tensor:
         """CPT: all texts of a split joined with EOS and cut into (N, max_length) blocks."""

@@ -8,13 +8,13 @@ from pathlib import Path
 
 
 def write_whole(path: str | Path, content: str | bytes) -> Path:
-    """Write text or bytes whole or not at all (temporary file, then rename)."""
+    """Write text (UTF-8) or bytes whole or not at all (temporary file, then rename)."""
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     if isinstance(content, bytes):
         tmp.write_bytes(content)
     else:
-        tmp.write_text(content)
+        tmp.write_text(content, encoding="utf-8")
     os.replace(tmp, path)
     return path
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 
+from chemlit.data.files import write_whole
 from chemlit.eval.baselines import MEAN, descriptor_baselines, mean_baseline, train_test_records
 from chemlit.eval.bootstrap import bootstrap_mae, paired_bootstrap_delta
 
@@ -112,12 +112,18 @@ def rationale_fidelity(written: dict[str, str], reference: dict[str, str]) -> fl
     return float(np.mean(shares)) if shares else math.nan
 
 
+def mae_cell(metrics: dict) -> str:
+    """A model_metrics result's MAE as the report writes it: "29.0 [27.5, 30.5]"."""
+    if metrics["parse_rate"] == 0:
+        return "no answer with a number"
+    return f"{metrics['mae']:.1f} [{metrics['mae_low']:.1f}, {metrics['mae_high']:.1f}]"
+
+
 def _row(name: str, predicted: np.ndarray, truth: np.ndarray) -> str:
     m = model_metrics(predicted, truth)
     if m["parse_rate"] == 0:
-        return f"| {name} | no answer with a number | – | – | 0.0% |"
-    return (f"| {name} | {m['mae']:.1f} [{m['mae_low']:.1f}, {m['mae_high']:.1f}] | {m['rmse']:.1f} | "
-            f"{m['r2']:.2f} | {m['parse_rate']:.1%} |")
+        return f"| {name} | {mae_cell(m)} | – | – | 0.0% |"
+    return f"| {name} | {mae_cell(m)} | {m['rmse']:.1f} | {m['r2']:.2f} | {m['parse_rate']:.1%} |"
 
 
 def evaluation_columns(predictions: dict[str, dict[str, float]], split_file: str, table: str = "builtin",
@@ -194,9 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     report = build_report(predictions, args.split_file, args.table, args.trees, intervals=intervals)
     print(report)
     if args.out:
-        tmp = f"{args.out}.tmp{os.getpid()}"
-        Path(tmp).write_text(report, encoding="utf-8")
-        os.replace(tmp, args.out)
+        write_whole(args.out, report)
 
 
 if __name__ == "__main__":

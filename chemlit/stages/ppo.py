@@ -468,7 +468,7 @@ class PPOModule(AnsweringStage):
             with torch.no_grad():
                 entropy = pm.token_entropy(logits)
         written_logprobs = written_mask = None
-        if self.ppo.rationale_anchor and rollout.written_ids is not None:
+        if rollout.written_ids is not None:  # only there with ppo.rationale_anchor
             written_logprobs, written_mask = self.written_logprobs(rollout, groups)  # (g, L-1)
         loss, stats = pm.ppo_loss(logprobs, values, rollout.logprobs[rows, :T], rollout.values[rows, :T],
                                   rollout.advantages[rows, :T], rollout.returns[rows, :T],
@@ -531,7 +531,7 @@ class PPOModule(AnsweringStage):
         if self.iteration == 1 and stats and "rationale_nll" in stats[0]:
             nll = float(torch.stack([s["rationale_nll"] for s in stats]).mean())
             if nll > RATIONALE_NLL_WARNING:
-                logging.getLogger(__name__).warning("ppo.rationale_anchor: the written rationales cost the model %.1f nats per token: it "
+                log.warning("ppo.rationale_anchor: the written rationales cost the model %.1f nats per token: it "
                             "did not learn to write them (is data.rationale_style the style its SFT stage used?); "
                             "the anchor will pull it towards them", nll)
         # The KL's value per answer, estimated with k3 (unbiased, never negative), over all ranks.
@@ -544,7 +544,7 @@ class PPOModule(AnsweringStage):
         if self.curriculum.level != level_before:
             print(f"chemlit: curriculum level {level_before} -> {self.curriculum.level} "
                   f"(tolerance {self.curriculum.tolerance_c:g} °C) at iteration {self.iteration}")
-        log = {
+        scalars = {
             "ppo/score_mean": scored.rewards.mean(), "ppo/score_std": scored.rewards.std(unbiased=False),
             "ppo/sample_mae": scored.mae,
             "ppo/parse_rate": scored.parse_rate, "ppo/success_rate": float(np.mean(scored.successes)),
@@ -558,10 +558,10 @@ class PPOModule(AnsweringStage):
             "ppo/samples_per_second": B * self.trainer.world_size / max(seconds, 1e-9),
         }
         if greedy is not None:  # what greedy decoding answers for this batch's molecules
-            log["ppo/greedy_mae"] = greedy.mae
+            scalars["ppo/greedy_mae"] = greedy.mae
         for key in (stats[0] if stats else {}):
-            log[f"ppo/{key}"] = torch.stack([s[key] for s in stats]).mean()
-        for key, value in log.items():
+            scalars[f"ppo/{key}"] = torch.stack([s[key] for s in stats]).mean()
+        for key, value in scalars.items():
             # sync_dist: the mean over ranks (samples_per_second is already the total)
             self.log(key, torch.as_tensor(value, dtype=torch.float32, device=self.device), sync_dist=True,
                      prog_bar=key in ("ppo/score_mean", "ppo/sample_mae", "ppo/tolerance_c"), batch_size=B)
