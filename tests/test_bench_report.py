@@ -18,7 +18,20 @@ def test_throughput_section_reports_medians_lengths_and_both_ratios():
     # the median (9.0 s), not the mean (15.7 s) that one slow iteration would drag up
     assert "| chemlit PPOModule | 9.00 | 9.0, 8.0, 30.0 | 90, 80, 70 | 14.2 | 654 |" in text
     assert "| TRL 0.11.4 PPOTrainer.generate + step | 12.00 | 12.0, 11.0, 13.0 | 60, 60, 60 | 10.7 | 640 |" in text
-    assert "**1.33x** in samples/s, 1.02x in response tokens/s" in text
+    assert "**1.33x** in samples/s, the median over the iteration pairs (1.33, 1.38, 0.43); 1.33x from the median" in text
+    assert "1.02x in response tokens/s" in text
+
+
+def test_the_ratio_pairs_iterations_that_ran_back_to_back():
+    # The machine slows by half after chemlit's second iteration (ours: 8 s, then 12 s). TRL's iterations,
+    # each run right after one of ours, are 15, 15, 15, 18, 18 s: pair by pair 1.25-1.88x, median 1.5x.
+    # Each side's median alone (12 s against 15 s) says 1.25x.
+    ours = {"seconds_per_iteration": [8.0, 8.0, 12.0, 12.0, 12.0], "mean_response_length": [90.0] * 5}
+    theirs = {"seconds_per_iteration": [15.0, 15.0, 15.0, 18.0, 18.0], "mean_response_length": [90.0] * 5}
+    summary = summarize({"samples_per_iteration": 128}, ours, theirs)
+    assert summary["paired_ratios"] == [15 / 8, 15 / 8, 15 / 12, 18 / 12, 18 / 12]
+    assert summary["ratio_chemlit_over_trl"] == 1.5
+    assert summary["ratio_of_median_samples_per_second"] == 15 / 12
 
 
 def test_a_new_throughput_run_replaces_only_the_reports_throughput_section(tmp_path):

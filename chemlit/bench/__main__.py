@@ -170,13 +170,19 @@ def throughput_markdown(summary: dict) -> str:
         f"Same model ({setup['model']}), {setup['samples_per_iteration']} samples per iteration "
         f"({setup['prompts']} prompts x {setup['samples_per_prompt']}), up to {setup['max_new_tokens']} new tokens, "
         f"{setup['ppo_epochs']} PPO epochs x {setup['minibatches']} minibatches; "
-        f"{setup['timed_iterations']} timed iterations after one warm-up, samples/s from the median. "
-        f"Made by: `python -m chemlit.bench throughput --iterations {setup['timed_iterations']}`.", "",
+        f"{setup['timed_iterations']} timed iterations after one warm-up"
+        + (", chemlit's and TRL's in turn" if "paired_ratios" in summary else "") + ", samples/s from the median. "
+        f"Made by: `python -m chemlit.bench throughput --iterations {setup['timed_iterations']}`"
+        + (f" on {setup['machine']}" if "machine" in setup else "") + ".", "",
         "| implementation | median s / iteration | timed iterations (s) | mean response length (tokens) "
         "| samples / s | response tokens / s |", "|---|---|---|---|---|---|",
         _throughput_row("chemlit PPOModule", ours),
         _throughput_row(f"TRL {theirs.get('trl_version', '')} PPOTrainer.generate + step", theirs), "",
-        f"Ratio chemlit / TRL: **{summary['ratio_chemlit_over_trl']:.2f}x** in samples/s"
+        (f"Ratio chemlit / TRL: **{summary['ratio_chemlit_over_trl']:.2f}x** in samples/s, the median over the "
+         f"iteration pairs ({', '.join(f'{r:.2f}' for r in summary['paired_ratios'])}); "
+         f"{summary['ratio_of_median_samples_per_second']:.2f}x from the median iterations"
+         if "paired_ratios" in summary else
+         f"Ratio chemlit / TRL: **{summary['ratio_chemlit_over_trl']:.2f}x** in samples/s")
         + (f", {ours['response_tokens_per_second'] / theirs['response_tokens_per_second']:.2f}x in response tokens/s"
            if "response_tokens_per_second" in ours else "")
         + ". Rollout: chemlit "

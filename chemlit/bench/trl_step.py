@@ -1,15 +1,20 @@
 """TRL 0.11.4's PPOTrainer on the same model, prompts and shapes as chemlit's PPO iteration.
 
-Run by ``python -m chemlit.bench throughput`` in a separate process whose path holds TRL 0.11.4
-(installed with ``--no-deps``: it is not a chemlit dependency). Prints one JSON line.
-Each iteration is what a TRL user writes: ``ppo_trainer.generate`` (sampling, top_k=0, top_p=1)
-then ``ppo_trainer.step(queries, responses, rewards)``.
+Run by ``python -m chemlit.bench throughput`` as a separate process whose path holds TRL 0.11.4
+(installed with ``--no-deps``: it is not a chemlit dependency). It loads the model, prints one
+JSON line ``{"ready": ..., "trl_version": ...}``, then runs one PPO iteration for every line it reads
+on standard input and prints one JSON line per iteration (its seconds, rollout seconds and mean
+response length). The benchmark asks for a TRL iteration right after each of chemlit's, so the two
+are timed side by side, not minutes apart (this shared 2-core machine drifts by 20-30 % within
+minutes). Each iteration is what a TRL user writes: ``ppo_trainer.generate`` (sampling, top_k=0,
+top_p=1) then ``ppo_trainer.step(queries, responses, rewards)``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import warnings
 
@@ -23,11 +28,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, required=True)
     parser.add_argument("--ppo-epochs", type=int, required=True)
     parser.add_argument("--minibatches", type=int, required=True)
-    parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    answers, sys.stdout = sys.stdout, sys.stderr  # standard output carries only the JSON answers
 
     import trl
     from transformers import AutoTokenizer
@@ -46,8 +51,8 @@ def main() -> None:
     gen_kwargs = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0, "min_length": -1,
                   "max_new_tokens": args.max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
                   "eos_token_id": tokenizer.eos_token_id}
-    times, rollout_times, lengths = [], [], []
-    for iteration in range(args.iterations + 1):  # the first iteration warms up and is not counted
+    print(json.dumps({"ready": True, "trl_version": trl.__version__, "samples": batch}), file=answers, flush=True)
+    while sys.stdin.readline():  # one iteration per line asked for; end of input ends the process
         started = time.perf_counter()
         responses = trainer.generate(prompts, batch_size=batch, return_prompt=False, **gen_kwargs)
         rolled = time.perf_counter()
@@ -56,12 +61,9 @@ def main() -> None:
         # within 5 iterations while chemlit's stayed at 92: unequal work per sample.)
         rewards = [torch.tensor(-1.0) for _ in responses]
         trainer.step(prompts, responses, rewards)
-        if iteration:
-            times.append(time.perf_counter() - started)
-            rollout_times.append(rolled - started)
-            lengths.append(sum(len(r) for r in responses) / batch)
-    print(json.dumps({"trl_version": trl.__version__, "samples": batch, "seconds_per_iteration": times,
-                      "rollout_seconds": rollout_times, "mean_response_length": lengths}))
+        print(json.dumps({"seconds": time.perf_counter() - started, "rollout_seconds": rolled - started,
+                          "mean_response_length": sum(len(r) for r in responses) / batch}), file=answers,
+              flush=True)
 
 
 if __name__ == "__main__":
