@@ -23,7 +23,7 @@ def test_throughput_section_reports_medians_lengths_and_both_ratios():
 
 
 def test_the_ratio_pairs_iterations_that_ran_back_to_back():
-    # The machine slows by half after chemlit's second iteration (ours: 8 s, then 12 s). TRL's iterations,
+    # The machine turns 1.5x slower after chemlit's second iteration (ours: 8 s, then 12 s). TRL's iterations,
     # each run right after one of ours, are 15, 15, 15, 18, 18 s: pair by pair 1.25-1.88x, median 1.5x.
     # Each side's median alone (12 s against 15 s) says 1.25x.
     ours = {"seconds_per_iteration": [8.0, 8.0, 12.0, 12.0, 12.0], "mean_response_length": [90.0] * 5}

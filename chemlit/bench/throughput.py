@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -188,12 +187,12 @@ def summarize(setup: dict, ours: dict, theirs: dict) -> dict:
 
 
 def cpu_description() -> str:
-    """The CPU as the ratio depends on it: cores, the vector ISA torch uses, bf16 units, torch version."""
+    """The machine as the ratio depends on it: the bench report's machine line, the vector ISA torch uses, bf16 units."""
+    from chemlit.bench.__main__ import machine
     from chemlit.hardware import cpu_facts
 
     facts = cpu_facts()
-    return (f"{platform.machine()}, {os.cpu_count()} cores, {facts.aten_capability}, "
-            f"{'with' if facts.has_bf16_units else 'no'} bf16 units, torch {torch.__version__}, fp32")
+    return f"{machine()}, {facts.aten_capability}, {'with' if facts.has_bf16_units else 'no'} bf16 units, fp32"
 
 
 def run(out_dir: Path, trl_dir: Path, prompts: int = 16, samples_per_prompt: int = 8, max_new_tokens: int = 96,
