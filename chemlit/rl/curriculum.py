@@ -1,7 +1,9 @@
 """Reward harshness as a curriculum: a lenient grader first, a stricter one as the model succeeds.
 
-Levels are tolerances in °C (reward 1 at zero error, 0 at the tolerance). The curriculum keeps a
-rolling window of successes (reward >= RewardSpec.success_reward) at the current level. When the
+Levels are tolerances in °C: the tolerance of the grade (``chemlit.rl.rewards.graded_reward``, 1/2 at
+an error of one tolerance for the default hyperbolic kernel) and of the group objective's kernel, so
+a level changes the *shape* of what PPO optimises, not only its scale. The curriculum keeps a
+rolling window of successes (grade >= RewardSpec.success_reward) at the current level. When the
 window is full and its success rate reaches ``advance_at``, it moves to the next, stricter level and
 starts a fresh window; if the rate falls below ``fall_back_at`` it steps back one level. The whole
 state (level, window, history of moves) is saved in checkpoints.
@@ -21,7 +23,7 @@ class CurriculumSpec:
     """The harshness schedule."""
 
     tolerances_c: list[float] = field(default_factory=lambda: [100.0, 50.0, 25.0])
-    """Levels from lenient to strict (°C at which the reward reaches 0). One level = no curriculum."""
+    """Levels from lenient to strict: the grade's tolerance in °C. One level = no curriculum."""
     advance_at: float = 0.6
     """Success rate over the window that moves to the next, stricter level."""
     fall_back_at: float = 0.15
