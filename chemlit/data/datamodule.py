@@ -329,8 +329,6 @@ class RationaleDataModule(L.LightningDataModule):
                 raise ValueError(f"data.descriptor_estimate: {self.table} has {len(train)} measured molecules in its "
                                  f"training split, too few to fit the estimator; predict with a model whose export "
                                  f"carries it ({ESTIMATOR_FILE})")
-            log.info("descriptor estimate: fitting on %d training molecules (RDKit descriptors; out-of-fold "
-                     "estimates for them)", len(train))
             self.estimator = DescriptorEstimator.from_records(train, seed=self.seed)
         return self.estimator
 

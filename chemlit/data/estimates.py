@@ -21,30 +21,44 @@ No molecule is told an estimate made from its own value:
 The export carries the training molecules, their values, descriptors and out-of-fold estimates
 (``descriptor_estimator.npz``, plain arrays, no pickle), so ``predict`` on new molecules refits the
 same model (seeded: the same numbers) without the table or the split.
+
+Fitting takes minutes on a few cores, so its results are cached (``chemlit.data.cache``): the
+descriptors per SMILES, and per training set (its molecules, values and descriptors, ``folds``,
+``seed``, the estimator's settings, the versions of scikit-learn, NumPy and RDKit) the out-of-fold
+estimates and the full model's estimates of every other molecule asked about so far. A second run on
+the same split fits nothing; a new molecule fits the full model once and adds its estimate.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from chemlit.data.descriptors import descriptor_matrix, descriptor_names
+from chemlit.data.cache import cache_path, digest, read_entry, text_array, text_list, write_entry
+from chemlit.data.descriptors import cached_descriptor_matrix, descriptor_matrix, descriptor_names, descriptor_set
 from chemlit.data.files import write_whole
 from chemlit.data.records import canonical_smiles
 
+log = logging.getLogger(__name__)
+
 ESTIMATOR_FILE = "descriptor_estimator.npz"
+GRADIENT_BOOSTING = {"max_iter": 300, "learning_rate": 0.1, "early_stopping": False}
+# Bump when out_of_fold or the model compute other numbers from the same inputs and settings: cached
+# estimates are keyed by it.
+ESTIMATES_VERSION = 1
 
 
 def gradient_boosting(seed: int = 0):
     """The estimator: 300 boosting rounds, no early stopping (it would hold out a random part)."""
     from sklearn.ensemble import HistGradientBoostingRegressor
 
-    return HistGradientBoostingRegressor(max_iter=300, learning_rate=0.1, early_stopping=False, random_state=seed)
+    return HistGradientBoostingRegressor(**GRADIENT_BOOSTING, random_state=seed)
 
 
 def out_of_fold(descriptors: np.ndarray, values: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -62,9 +76,11 @@ class DescriptorEstimator:
     """Training molecules with their values and descriptors; estimates for any molecule."""
 
     def __init__(self, smiles: Sequence[str], values: Sequence[float], descriptors: Optional[np.ndarray] = None,
-                 fold_estimates: Optional[Sequence[float]] = None, folds: int = 5, seed: int = 0):
+                 fold_estimates: Optional[Sequence[float]] = None, folds: int = 5, seed: int = 0,
+                 cache: bool = True):
         """``smiles`` canonical (as ``read_table`` gives them); kept sorted by SMILES, so the folds
-        depend on the molecules only."""
+        depend on the molecules only. ``cache``: read and store descriptors and estimates in the
+        cache (``chemlit.data.cache``) instead of computing them every time."""
         if len(smiles) != len(values):
             raise ValueError(f"descriptor estimator: {len(smiles)} SMILES but {len(values)} values")
         if len(smiles) < 2:
@@ -73,10 +89,28 @@ class DescriptorEstimator:
         self.smiles = [smiles[i] for i in order]
         self.values = np.asarray([float(values[i]) for i in order])
         self.folds, self.seed = folds, seed
+        self._cache = cache
         self.descriptors = (np.asarray(descriptors, dtype=np.float32)[order] if descriptors is not None
-                            else descriptor_matrix(self.smiles))
-        self.fold_estimates = (np.asarray(fold_estimates, dtype=float)[order] if fold_estimates is not None
-                               else out_of_fold(self.descriptors, self.values, folds, seed))
+                            else self._descriptor_matrix(self.smiles))
+        self._predicted: dict[str, float] = {}  # the full model's estimates of other molecules (cached)
+        self._cache_key = self.cache_key() if cache else None
+        entry = self._read_cache() if cache else None
+        if fold_estimates is not None:
+            self.fold_estimates = np.asarray(fold_estimates, dtype=float)[order]
+            if entry is not None:
+                log.info("descriptor estimate: the full model's estimates of %d molecules from cache %s",
+                         len(self._predicted), self.cache_file())
+        elif entry is not None:
+            self.fold_estimates = entry["fold_estimates"]
+            log.info("descriptor estimate: out-of-fold estimates of %d training molecules and the full model's "
+                     "of %d others from cache %s", len(self.smiles), len(self._predicted), self.cache_file())
+        else:
+            if cache:
+                log.info("descriptor estimate: fitting on %d training molecules (%d out-of-fold fits; stored in "
+                         "cache %s)", len(self.smiles), min(folds, len(self.smiles)), self.cache_file())
+            self.fold_estimates = out_of_fold(self.descriptors, self.values, folds, seed)
+            if cache:
+                self._store()
         self._index = {s: i for i, s in enumerate(self.smiles)}
         self._model = None
 
@@ -99,11 +133,57 @@ class DescriptorEstimator:
         any other's from the model fitted on all of them."""
         canonical = [canonical_smiles(s) for s in smiles]
         out = [float(self.fold_estimates[self._index[s]]) if s in self._index else None for s in canonical]
-        new = sorted({s for s, e in zip(canonical, out) if e is None})
+        new = sorted({s for s, e in zip(canonical, out) if e is None} - self._predicted.keys())
         if new:
-            by_smiles = dict(zip(new, self.model().predict(descriptor_matrix(new)).tolist()))
-            out = [by_smiles[s] if e is None else e for s, e in zip(canonical, out)]
-        return out
+            if self._cache:
+                log.info("descriptor estimate: fitting the model on all %d training molecules for %d other molecules "
+                         "(stored in cache %s)", len(self.smiles), len(new), self.cache_file())
+            self._predicted.update(zip(new, self.model().predict(self._descriptor_matrix(new)).tolist()))
+            if self._cache:
+                self._store()
+        return [self._predicted[s] if e is None else e for s, e in zip(canonical, out)]
+
+    # ------------------------------------------------------------------ cached between runs
+    def _descriptor_matrix(self, smiles: Sequence[str]) -> np.ndarray:
+        return cached_descriptor_matrix(smiles) if self._cache else descriptor_matrix(smiles)
+
+    def cache_key(self) -> str:
+        """Everything the estimates depend on: the training set, the folds and the model."""
+        import sklearn
+
+        settings = {"version": ESTIMATES_VERSION, "folds": self.folds, "seed": self.seed,
+                    "model": GRADIENT_BOOSTING, "scikit-learn": sklearn.__version__, "numpy": np.__version__,
+                    "descriptors": descriptor_set()}
+        return digest(settings, text_array(self.smiles), self.values, self.descriptors)
+
+    def cache_file(self) -> Path:
+        return cache_path("estimates", f"{self._cache_key[:32]}.npz")
+
+    def _read_cache(self) -> Optional[dict]:
+        """The cached estimates for this training set (and ``_predicted`` filled), or None."""
+        entry = read_entry(self.cache_file(), self._cache_key, "descriptor estimate")
+        if entry is None:
+            return None
+        try:
+            predicted = text_list(entry["predicted_smiles"])
+            fold, values = entry["fold_estimates"].astype(float), entry["predicted"].astype(float)
+            if fold.shape != (len(self.smiles),) or values.shape != (len(predicted),):
+                raise ValueError("its estimates do not fit its training set")
+            if not (np.isfinite(fold).all() and np.isfinite(values).all()):
+                raise ValueError("it holds non-finite estimates")
+        except (KeyError, ValueError, UnicodeDecodeError) as error:
+            log.warning("descriptor estimate: ignoring cache entry %s (%s); recomputing", self.cache_file(), error)
+            return None
+        self._predicted = dict(zip(predicted, values.tolist()))
+        return {"fold_estimates": fold}
+
+    def _store(self) -> None:
+        smiles = sorted(self._predicted)
+        write_entry(self.cache_file(), self._cache_key,
+                    {"fold_estimates": np.asarray(self.fold_estimates, dtype=float),
+                     "predicted_smiles": text_array(smiles),
+                     "predicted": np.asarray([self._predicted[s] for s in smiles], dtype=float)},
+                    "descriptor estimate")
 
     # ------------------------------------------------------------------ saved with the export
     def to_bytes(self) -> bytes:
