@@ -14,16 +14,19 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Literal, Optional, Union
 
 import lightning as L
 from lightning.fabric.connector import _PRECISION_INPUT
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from chemlit.data.datamodule import RationaleDataModule
 from chemlit.data.records import DataError
 from chemlit.hardware import resolve_precision
 from chemlit.stages.base import StageModule
+from chemlit.stages.signals import StopRequested
 
 
 def quiet_known_noise() -> None:
@@ -68,12 +71,34 @@ def model_arguments(argv: list[str]) -> list[str]:
     return picked
 
 
+UNLOGGED_RUNS = Path("runs") / "unlogged"
+
+
+def next_version(parent: Path) -> Path:
+    """``parent``/version_N with N one past the highest there (TensorBoardLogger's numbering)."""
+    versions = [int(p.name.split("_")[1]) for p in parent.glob("version_*") if p.name.split("_")[1].isdigit()]
+    return parent / f"version_{max(versions, default=-1) + 1}"
+
+
 class ChemlitTrainer(L.Trainer):
     """Lightning's Trainer with one more precision, ``auto`` (the default): bf16-mixed where this machine runs
     bf16 fast, 16-mixed on a GPU without bf16, 32-true otherwise (chemlit.hardware says how it decides).
-    Any explicit precision is passed through unchanged."""
+    Any explicit precision is passed through unchanged.
+
+    A run's files never land in the current directory: without a logger and without ``default_root_dir``,
+    the run's directory is runs/unlogged/version_N (Lightning's default is the current directory). And
+    ``fast_dev_run`` writes nothing: no checkpoint (Lightning 2.6's ModelCheckpoint still writes last.ckpt
+    at the end of such a run when ``save_last`` is set, so its checkpoint callbacks are dropped), no export,
+    no run files."""
 
     def __init__(self, *args, precision: Optional[Union[Literal["auto"], _PRECISION_INPUT]] = "auto", **kwargs):
+        if kwargs.get("fast_dev_run"):
+            callbacks = kwargs.get("callbacks") or []
+            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+            kwargs["callbacks"] = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+            kwargs["enable_checkpointing"] = False
+        elif not kwargs.get("logger") and kwargs.get("default_root_dir") is None:
+            kwargs["default_root_dir"] = str(next_version(UNLOGGED_RUNS))
         super().__init__(*args, precision=resolve_precision(precision, kwargs.get("accelerator", "auto")), **kwargs)
 
 
@@ -103,6 +128,9 @@ def main(args: list[str] | None = None) -> None:
     except (DataError, FileNotFoundError) as err:  # bad input or a wrong path: the user's to fix
         print(f"chemlit: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except StopRequested as stop:  # validate / test / predict stopped by Ctrl-C / SIGTERM: nothing written
+        print(f"chemlit: {stop}: nothing written", file=sys.stderr)
+        sys.exit(128 + stop.signum)
     stop_signal = getattr(cli.model, "stop_signal", None)
     if stop_signal is not None:  # stopped by Ctrl-C / SIGTERM: a checkpoint, no export, the shell's exit code
         sys.exit(128 + int(stop_signal))

@@ -39,7 +39,7 @@ def test_median_of_sampled_numbers_after_the_marker(monkeypatch):
         w = max(map(len, tails))
         return torch.tensor([t + [tokenizer.pad_token_id] * (w - len(t)) for t in tails])
 
-    monkeypatch.setattr("chemlit.stages.base.decode_after_prefix", fake_decode)
+    monkeypatch.setattr("chemlit.stages.answering.decode_after_prefix", fake_decode)
     numbers = module.sampled_numbers(prompt_ids, prompt_mask, out)
     assert numbers == [[90.0, 300.0, 120.0], [50.0, 60.0]]
     values, intervals = module.median_and_interval(numbers + [[]], fallback=[100.0, None, 7.0])
@@ -76,7 +76,9 @@ def _median_module(tmp_path, tiny_table, **options):
     module.tokenizer = tokenizer
     module.model = build_tiny(TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
                               len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    module._trainer = SimpleNamespace(datamodule=dm, sanity_checking=False, validating=False)
+    module._trainer = SimpleNamespace(datamodule=dm, sanity_checking=False, validating=False,
+                                      state=SimpleNamespace(fn="predict"),  # calibration asks: stop? (no signal)
+                                      strategy=SimpleNamespace(reduce_boolean_decision=lambda flag, all: flag))
     return dm, tokenizer, module
 
 
@@ -100,7 +102,7 @@ def test_smiles_variants_pool_the_numbers_of_every_spelling(tmp_path, tiny_table
         return torch.tensor([t + [tokenizer.pad_token_id] * (w - len(t)) for t in tails])
 
     monkeypatch.setattr(module, "generate", lambda ids, mask: fake_generate(ids, mask))
-    monkeypatch.setattr("chemlit.stages.base.decode_after_prefix", fake_decode)
+    monkeypatch.setattr("chemlit.stages.answering.decode_after_prefix", fake_decode)
     texts, values, intervals = module.answer_with_interval(batch)
     pooled = [90, 300, 120, 10, 20, 30, 400, 410, 420]
     assert values.tolist() == [float(np.median(pooled))] * 2
@@ -140,7 +142,7 @@ def test_predict_intervals_are_calibrated_on_validation_molecules(tmp_path, tiny
         w = max(map(len, tails))
         return torch.tensor([t + [tokenizer.pad_token_id] * (w - len(t)) for t in tails])
 
-    monkeypatch.setattr("chemlit.stages.base.decode_after_prefix", fake_decode)
+    monkeypatch.setattr("chemlit.stages.answering.decode_after_prefix", fake_decode)
     module.calibrate_interval()
     measured = [ex.target for ex in dm.examples("val")][:6]
     expected = conformal_scale([100.0] * 6, [92.0] * 6, [108.0] * 6, measured, 0.8)

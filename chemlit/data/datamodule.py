@@ -31,7 +31,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from chemlit.data.analogues import REFERENCE_FILE, Analogue, ReferenceSet
 from chemlit.data.estimates import ESTIMATOR_FILE, DescriptorEstimator
-from chemlit.data.files import write_csv
+from chemlit.data.files import run_directory, write_csv
 from chemlit.data.prompts import (
     ANSWER_MARKER,
     analogue_sentence,
@@ -228,8 +228,8 @@ class RationaleDataModule(L.LightningDataModule):
     def output_dir(self) -> Path:
         if self.run_dir:
             return Path(self.run_dir)
-        if self.trainer is not None and self.trainer.log_dir:
-            return Path(self.trainer.log_dir)
+        if self.trainer is not None:
+            return run_directory(self.trainer)
         return Path.cwd()
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -257,8 +257,8 @@ class RationaleDataModule(L.LightningDataModule):
         self._write_run_files(assignment)
 
     def _write_run_files(self, assignment: dict[str, str]) -> None:
-        if self.trainer is not None and not self.trainer.is_global_zero:
-            return
+        if self.trainer is not None and (not self.trainer.is_global_zero or self.trainer.fast_dev_run):
+            return  # rank 0 writes them; a fast_dev_run writes nothing (and clobbers no run's splits.csv)
         out = self.output_dir()
         out.mkdir(parents=True, exist_ok=True)
         write_split(assignment, out / "splits.csv")

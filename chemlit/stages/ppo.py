@@ -50,11 +50,9 @@ from chemlit.rl.rewards import (
     normalize_scores,
     score_answers,
 )
-from chemlit.stages.base import (
-    AnsweringStage,
-    allow_in_checkpoints,
-    gradients_are_finite,
-)
+from chemlit.stages.answering import AnsweringStage
+from chemlit.stages.base import gradients_are_finite
+from chemlit.stages.checkpoints import allow_in_checkpoints
 
 log = logging.getLogger(__name__)
 

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
 import torch
 
 from chemlit.data.datamodule import IGNORE_INDEX
-from chemlit.data.files import write_csv
+from chemlit.data.files import run_directory, write_csv
 from chemlit.data.prompts import ANSWER_MARKER, parse_prediction
 from chemlit.models.factory import CPTLora, ModelSpec, SFTLora
-from chemlit.stages.base import AnsweringStage, next_token_loss
+from chemlit.stages.answering import AnsweringStage
+from chemlit.stages.base import next_token_loss
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,7 @@ class SFTModule(AnsweringStage):
             return
         medians, lows, highs, targets = [], [], [], []
         for start in range(0, len(examples), datamodule.eval_batch_size):
+            self.stop_if_requested()  # Ctrl-C / SIGTERM: stop between batches here too
             part = examples[start:start + datamodule.eval_batch_size]
             batch = datamodule.collate_rl(part)
             _, values, intervals = self.answer_with_interval(
@@ -279,6 +280,11 @@ class SFTModule(AnsweringStage):
         return rows
 
     def on_predict_epoch_end(self) -> None:
-        if self.trainer.is_global_zero:
-            path = write_csv(self._predictions, Path(self.trainer.log_dir or ".") / "predictions.csv")
-            print(f"chemlit: wrote {len(self._predictions)} predictions to {path}")
+        self.stop_if_requested()  # a signal after the last batch: still nothing written
+        if not self.trainer.is_global_zero:
+            return
+        if self.trainer.fast_dev_run:
+            print(f"chemlit: fast_dev_run: {len(self._predictions)} predictions, none written")
+            return
+        path = write_csv(self._predictions, run_directory(self.trainer) / "predictions.csv")
+        print(f"chemlit: wrote {len(self._predictions)} predictions to {path}")
