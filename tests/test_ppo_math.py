@@ -219,3 +219,13 @@ def test_ppo_loss_adds_the_written_rationales_mean_nll_with_its_weight():
     assert written.grad.tolist() == [[-0.25, -0.25, 0.0]]                # raises the rationale's log-probs
     with pytest.raises(ValueError, match="anchor"):
         pm.ppo_loss(logprobs, values, old, values, advantages, returns, mask, pm.LossSpec(anchor_coef=0.5))
+
+
+def test_masked_scale_sets_unit_rms_and_keeps_the_mean():
+    """Advantages of scores already centred per molecule are scaled, not centred a second time."""
+    x = torch.tensor([[1.0, 3.0, 100.0], [2.0, -2.0, 5.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    scaled = pm.masked_scale(x, mask)
+    torch.testing.assert_close(scaled, x / (4.5 + 1e-8) ** 0.5)      # rms over the masked entries: sqrt(18 / 4)
+    assert pm.masked_mean(scaled ** 2, mask).item() == pytest.approx(1.0, abs=1e-6)
+    assert pm.masked_mean(scaled, mask).item() == pytest.approx(4.0 / 4 / 4.5 ** 0.5)  # mean not moved to 0

@@ -63,6 +63,15 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     return whitened
 
 
+def masked_scale(x: torch.Tensor, mask: torch.Tensor, reduce_sum: ReduceSum = identity) -> torch.Tensor:
+    """x / sqrt(mean(x²) + 1e-8) over the masked elements (of every process): unit RMS, the mean kept.
+
+    For advantages whose scores were already centred against a baseline (a molecule's group mean, or
+    its greedy answer): whitening would centre them a second time.
+    """
+    return x * torch.rsqrt(masked_mean(x ** 2, mask, reduce_sum) + 1e-8)
+
+
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log π(token_t) = log_softmax(logits_t)[token_t].   logits (B, T, V), tokens (B, T) -> (B, T)."""
     logp = F.log_softmax(logits.float(), dim=-1)               # (B, T, V)
