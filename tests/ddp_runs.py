@@ -25,27 +25,36 @@ def checksum(module) -> float:
 
 
 class RecordingPPO(DigitPPO):
-    """The digit toy task (scores that differ), recording each iteration's molecules, the whitened advantages' sums, and the weights after every update."""
+    """The digit toy task (scores that differ), recording each iteration's molecules and sampled tokens, the
+    scaled advantages' sums, and the weights after every update."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.seen, self.checksums, self.advantage_sums = [], [], []
+        self.seen, self.checksums, self.advantage_sums, self.responses = [], [], [], []
 
     def rollout(self, batch):
         self.seen.append(list(batch["smiles"]))
-        return super().rollout(batch)
+        rollout = super().rollout(batch)
+        self.responses.append(rollout.responses.tolist())
+        return rollout
 
-    def advantages(self, rollout, scores):
-        rewards = super().advantages(rollout, scores)
+    def advantages(self, rollout, token_rewards):
+        super().advantages(rollout, token_rewards)
         mask = rollout.response_mask.float()
         a = rollout.advantages
         self.advantage_sums.append([(a * mask).sum().item(), (a ** 2 * mask).sum().item(), mask.sum().item()])
-        return rewards
 
     def update(self, rollout, groups):
         stats = super().update(rollout, groups)
         self.checksums.append(checksum(self.model) + checksum(self.value_head))
         return stats
+
+
+class SamePromptsPPO(RecordingPPO):
+    """Both ranks roll out rank 0's molecules: only their random streams can make the samples differ."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(self.trainer.strategy.broadcast(batch, src=0), batch_idx)
 
 
 class RecordingSFT(SFTModule):
@@ -82,11 +91,16 @@ def ppo_runs(out: Path) -> None:
                       callbacks=[ModelCheckpoint(dirpath=out / name / "ckpt", save_last=True, every_n_train_steps=1)])
         fit.fit(module, tiny_data(TABLE, out / name), ckpt_path=ckpt_path)
         dump(out, name, fit, seen=module.seen, checksums=module.checksums, advantage_sums=module.advantage_sums,
-             curriculum=module.curriculum.state_dict(), beta=module.kl_ctl.value)
+             curriculum=module.curriculum.state_dict(), beta=module.kl_ctl.value, responses=module.responses)
 
     run("straight", 4)
     run("first-half", 2)
     run("resumed", 4, ckpt_path=str(out / "first-half" / "ckpt" / "last.ckpt"))
+    L.seed_everything(0)
+    module = tiny_ppo(SamePromptsPPO)
+    fit = trainer(out / "same-prompts", strategy="ddp", devices=2, max_steps=1, max_epochs=-1)
+    fit.fit(module, tiny_data(TABLE, out / "same-prompts"))
+    dump(out, "same-prompts", fit, seen=module.seen, responses=module.responses)
 
 
 def sft_and_cpt_runs(out: Path) -> None:

@@ -239,9 +239,9 @@ def test_first_minibatch_ratio_is_exactly_one(tiny_table, tmp_path, precision):
 
 
 class KeepEvaluated(PPOModule):
-    def advantages(self, rollout, scores):
+    def advantages(self, rollout, token_rewards):
         self.evaluated = rollout
-        return super().advantages(rollout, scores)
+        return super().advantages(rollout, token_rewards)
 
 
 def test_plain_decoding_gives_the_fast_paths_tokens_and_logprobs(tiny_table, tmp_path):

@@ -2,12 +2,14 @@
 
 One training step is one PPO iteration, and reads as the algorithm does:
 
-    rollout  = self.rollout(batch)            sample K answers per molecule: token ids
+    rollout  = self.rollout(batch)            sample K answers per molecule (this rank's own random stream)
     scored   = self.score(rollout)            parse, error, reward at the curriculum's harshness
     plan     = self.minibatch_plan(G)         which molecules go into which minibatch, per PPO epoch
     self.evaluate(rollout, plan[0])           old log-probs and values (the update's own forward), reference log-probs
-    self.advantages(rollout, scores)          token rewards (score, k1 KL penalty) -> GAE -> whitened advantages
+    self.token_rewards(rollout, scores)       score on the last token, -β·k1 on every token
+    self.advantages(rollout, token_rewards)   GAE -> advantages scaled to unit RMS over the batch
     for minibatch in plan: self.update(...)   forward -> ppo_math.ppo_loss -> backward -> clip -> step
+    self.kl_ctl.update(...), self.curriculum.update(...)   β and harshness for the next iteration
 
 Every formula is a pure function in ``chemlit.rl.ppo_math`` (the whole minibatch loss is
 ``ppo_loss``); this file only runs the networks and puts the formulas in order. A molecule's K
@@ -29,6 +31,7 @@ import copy
 import logging
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
 from typing import Literal, Optional
@@ -36,7 +39,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from chemlit.data.datamodule import IGNORE_INDEX
+from chemlit.data.datamodule import IGNORE_INDEX, RationaleDataModule
 from chemlit.data.prompts import parse_prediction
 from chemlit.models.factory import LoraSpec, ModelSpec
 from chemlit.models.shared_prefix import forward_plain, forward_with_shared_prefix
@@ -199,6 +202,25 @@ TENSORBOARD_LAYOUT = {
 RATIONALE_NLL_WARNING = 3.0
 
 
+class PhaseClock:
+    """Wall time of each phase of one iteration (``lap(name)`` ends the phase running since the last
+    lap), added to ``totals``: the run's time per phase, logged at the end of fit."""
+
+    def __init__(self, totals: dict[str, float]):
+        self.totals, self.laps = totals, {}
+        self.started = self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.laps[phase] = now - self.last
+        self.totals[phase] = self.totals.get(phase, 0.0) + self.laps[phase]
+        self.last = now
+
+    @property
+    def total(self) -> float:
+        return self.last - self.started
+
+
 def response_mask_from_tokens(responses: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) sampled ids -> (mask, finished): mask is 1 up to and including the first end token."""
     is_eos = responses == eos_token_id                          # (B, T)
@@ -264,6 +286,9 @@ class PPOModule(AnsweringStage):
         self.value_head: Optional[ValueHead] = None
         self.skipped_minibatches = 0
         self.iteration = 0  # PPO iterations done (Lightning's global_step counts optimizer steps)
+        self.sampling_seed: Optional[int] = None  # root of every rank's sampling stream (sampling_stream)
+        self.phase_seconds: dict[str, float] = {}  # wall time per phase of the iteration, summed over the run
+        self.molecules_seen = 0                    # molecules rolled out, all ranks
 
     # ------------------------------------------------------------------ model
     def setup(self, stage: str) -> None:
@@ -272,6 +297,8 @@ class PPOModule(AnsweringStage):
         if stage == "fit" and self.ppo.rationale_anchor and not getattr(datamodule, "use_rationale", True):
             raise ValueError("ppo.rationale_anchor > 0 holds the model to its written rationales, but "
                              "data.use_rationale is false: there are none")
+        if self.sampling_seed is None:  # Lightning's seed_everything; a resumed run takes the checkpoint's
+            self.sampling_seed = torch.initial_seed()
         if self.value_head is None:
             disable_dropout(self.model)
             self.value_head = ValueHead(self.model.config.hidden_size)
@@ -377,7 +404,7 @@ class PPOModule(AnsweringStage):
     def score(self, rollout: Rollout) -> ScoredAnswers:
         """Parse each answer and grade its error at the curriculum's current tolerance."""
         return score_answers(rollout.texts, rollout.finished, rollout.targets, self.curriculum.tolerance_c,
-                             self.reward_spec)
+                             self.reward_spec, group_size=rollout.group_size)
 
     def score_greedy(self, rollout: Rollout) -> Optional[ScoredAnswers]:
         """Each molecule's greedy answer graded like the samples (G,): the baseline of
@@ -421,21 +448,25 @@ class PPOModule(AnsweringStage):
         rollout.logprobs, rollout.values, rollout.ref_logprobs = logprobs * mask, values * mask, ref_logprobs * mask
 
     @torch.no_grad()
-    def advantages(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
-        """Token rewards (score at the end, -β·k1 per token when the KL penalty is in the reward) ->
-        GAE -> advantages whitened over the whole batch (all ranks)."""
-        mask = rollout.response_mask
+    def token_rewards(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
+        """(B, T) per-token rewards: the normalised score on the last response token, -β·k1 on every
+        token when the KL penalty is in the reward (kl.where: reward)."""
         beta_in_reward = self.kl_ctl.value if self.kl_spec.where == "reward" else 0.0
-        rewards = pm.token_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask, beta_in_reward,
-                                   self.kl_spec.kind)                                          # (B, T)
-        advantages, returns = pm.gae(rewards, rollout.values, mask, self.ppo.gamma, self.ppo.lam)  # (B, T)
-        if self.reward_spec.normalize == "greedy":  # scaled, not re-centred: 'better than greedy' stays > 0
-            rms = pm.masked_mean(advantages ** 2, mask, self.all_reduce_sum).sqrt().clamp(min=1e-6)
-            rollout.advantages = advantages / rms * mask
+        return pm.token_rewards(scores, rollout.logprobs, rollout.ref_logprobs, rollout.response_mask,
+                                beta_in_reward, self.kl_spec.kind)                        # (B, T)
+
+    @torch.no_grad()
+    def advantages(self, rollout: Rollout, token_rewards: torch.Tensor) -> None:
+        """GAE advantages and returns into the rollout. The scores are centred once, against their
+        baseline (reward.normalize: group mean, greedy answer); the advantages are then only scaled to
+        unit RMS over the whole batch (all ranks), not centred again. normalize none or batch: whitened."""
+        mask = rollout.response_mask
+        advantages, returns = pm.gae(token_rewards, rollout.values, mask, self.ppo.gamma, self.ppo.lam)  # (B, T)
+        if self.reward_spec.normalize in ("group", "greedy"):  # centred once already, against the baseline
+            rollout.advantages = pm.masked_scale(advantages, mask, self.all_reduce_sum) * mask
         else:
             rollout.advantages = pm.masked_whiten(advantages, mask, reduce_sum=self.all_reduce_sum) * mask
         rollout.returns = returns
-        return rewards
 
     def loss_spec(self, anchor: bool = False) -> pm.LossSpec:
         """The loss's weights now (β moves with the KL controller); ``anchor``: the minibatch carries the
@@ -489,22 +520,53 @@ class PPOModule(AnsweringStage):
         return stats
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        started = time.perf_counter()
+        clock = PhaseClock(self.phase_seconds)
         self.model.eval()  # no dropout and no train-only behaviour, in rollout and update alike
-        rollout = self.rollout(batch)                          # (B, T) sampled ids, B = G molecules × K
-        scored = self.score(rollout)                           # (B,) graded rewards
+        with self.sampling_stream():
+            rollout = self.rollout(batch)                      # (B, T) sampled ids, B = G molecules × K
+        clock.lap("rollout")
+        scored = self.score(rollout)                           # (B,) graded rewards (or group credits)
         greedy = self.score_greedy(rollout)                    # (G,) or None
         scores = self.normalized_scores(scored, greedy)        # (B,)
+        clock.lap("score")
         plan = self.minibatch_plan(rollout.prefix_ids.size(0))
         self.evaluate(rollout, plan[0])                        # old log-probs, values, reference log-probs
-        rewards = self.advantages(rollout, scores)             # (B, T)
+        token_rewards = self.token_rewards(rollout, scores)    # (B, T)
+        self.advantages(rollout, token_rewards)                # rollout.advantages, rollout.returns (B, T)
+        clock.lap("evaluate")
         stats = []
         for groups in chain(*plan):                            # ppo_epochs x num_minibatches, molecule indices
             result = self.update(rollout, groups)              # None: skipped (non-finite loss, runaway ratio)
             if result is not None:
                 stats.append(result)
+        clock.lap("update")
         self.iteration += 1
-        self._after_iteration(rollout, scored, greedy, rewards, stats, time.perf_counter() - started)
+        self.molecules_seen += rollout.prefix_ids.size(0) * self.trainer.world_size
+        graded_with = (self.kl_ctl.value, self.curriculum.level)     # what this iteration used
+        kl_per_sequence = self.kl_per_sequence(rollout)              # k3, mean over all ranks' answers
+        self.kl_ctl.update(float(kl_per_sequence), self.samples_all_ranks(rollout))     # β for the next iteration
+        self.curriculum.update(self._gather_successes(scored.successes), self.iteration)  # harshness for the next
+        self._after_iteration(rollout, scored, greedy, token_rewards, stats, graded_with, kl_per_sequence, clock)
+
+    @contextmanager
+    def sampling_stream(self):
+        """Random numbers of this rank's own for this iteration's sampling: the generator is seeded from
+        (sampling_seed, rank, iteration), so two ranks given the same prompts draw different samples and
+        a resumed run draws what the uninterrupted run drew. The global random state is left as it was."""
+        seed = int(np.random.SeedSequence([self.sampling_seed % 2 ** 63, self.global_rank, self.iteration])
+                   .generate_state(1, dtype=np.uint64)[0] % 2 ** 63)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            yield
+
+    def kl_per_sequence(self, rollout: Rollout) -> torch.Tensor:
+        """The KL's value per answer, estimated with k3 (unbiased, never negative), over all ranks."""
+        mask = rollout.response_mask.float()
+        kl_tokens = pm.kl_estimate(rollout.logprobs, rollout.ref_logprobs, "k3") * mask        # (B, T)
+        return pm.masked_mean(kl_tokens.sum(1), torch.ones(mask.size(0), device=self.device), self.all_reduce_sum)
+
+    def samples_all_ranks(self, rollout: Rollout) -> int:
+        return rollout.responses.size(0) * self.trainer.world_size
 
     # ------------------------------------------------------------------ bookkeeping
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
@@ -523,22 +585,19 @@ class PPOModule(AnsweringStage):
         return [bool(s) for s in local.tolist()]
 
     def _after_iteration(self, rollout: Rollout, scored: ScoredAnswers, greedy: Optional[ScoredAnswers],
-                         rewards: torch.Tensor, stats: list[dict], seconds: float) -> None:
+                         token_rewards: torch.Tensor, stats: list[dict], graded_with: tuple[float, int],
+                         kl_per_sequence: torch.Tensor, clock: "PhaseClock") -> None:
+        """Log the iteration: the metrics, per-level curves, sample texts and announcements."""
         mask = rollout.response_mask.float()
         B = mask.size(0)
+        beta, level_before = graded_with
+        tolerance_c = self.curriculum.spec.tolerances_c[level_before]
         if self.iteration == 1 and stats and "rationale_nll" in stats[0]:
             nll = float(torch.stack([s["rationale_nll"] for s in stats]).mean())
             if nll > RATIONALE_NLL_WARNING:
                 log.warning("ppo.rationale_anchor: the written rationales cost the model %.1f nats per token: it "
                             "did not learn to write them (is data.rationale_style the style its SFT stage used?); "
                             "the anchor will pull it towards them", nll)
-        # The KL's value per answer, estimated with k3 (unbiased, never negative), over all ranks.
-        kl_tokens = pm.kl_estimate(rollout.logprobs, rollout.ref_logprobs, "k3") * mask
-        kl_per_sequence = pm.masked_mean(kl_tokens.sum(1), torch.ones(B, device=self.device), self.all_reduce_sum)
-        beta, tolerance_c = self.kl_ctl.value, self.curriculum.tolerance_c  # what this iteration was graded with
-        self.kl_ctl.update(float(kl_per_sequence), B * self.trainer.world_size)
-        level_before = self.curriculum.level
-        self.curriculum.update(self._gather_successes(scored.successes), self.iteration)
         if self.curriculum.level != level_before:
             print(f"chemlit: curriculum level {level_before} -> {self.curriculum.level} "
                   f"(tolerance {self.curriculum.tolerance_c:g} °C) at iteration {self.iteration}")
@@ -547,13 +606,15 @@ class PPOModule(AnsweringStage):
             "ppo/sample_mae": scored.mae,
             "ppo/parse_rate": scored.parse_rate, "ppo/success_rate": float(np.mean(scored.successes)),
             "ppo/kl_per_sequence": kl_per_sequence, "ppo/kl_coef": beta,
-            "ppo/reward_total": (rewards * mask).sum(1).mean(),
+            "ppo/reward_total": (token_rewards * mask).sum(1).mean(),
             "ppo/explained_variance": pm.explained_variance(rollout.values, rollout.returns, mask, self.all_reduce_sum),
             "ppo/response_length": mask.sum(1).mean(), "ppo/harshness_level": float(level_before),
             "ppo/tolerance_c": tolerance_c,
             "ppo/window_success_rate": self.curriculum.success_rate,
             "ppo/skipped_minibatches": float(self.skipped_minibatches),
-            "ppo/samples_per_second": B * self.trainer.world_size / max(seconds, 1e-9),
+            "ppo/samples_per_second": B * self.trainer.world_size / max(clock.total, 1e-9),
+            "ppo/molecules_seen": float(self.molecules_seen),
+            **{f"time/{phase}_s": seconds for phase, seconds in clock.laps.items()},
         }
         if greedy is not None:  # what greedy decoding answers for this batch's molecules
             scalars["ppo/greedy_mae"] = greedy.mae
@@ -615,6 +676,8 @@ class PPOModule(AnsweringStage):
         checkpoint["chemlit_ppo"] = {
             "kl_controller": self.kl_ctl.state_dict(), "curriculum": self.curriculum.state_dict(),
             "skipped_minibatches": self.skipped_minibatches, "iteration": self.iteration, "rng": rng,
+            "sampling_seed": self.sampling_seed, "molecules_seen": self.molecules_seen,
+            "phase_seconds": dict(self.phase_seconds),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -626,7 +689,21 @@ class PPOModule(AnsweringStage):
         self.curriculum.load_state_dict(state["curriculum"])
         self.skipped_minibatches = int(state["skipped_minibatches"])
         self.iteration = int(state.get("iteration", 0))
+        self.sampling_seed = state.get("sampling_seed", self.sampling_seed)
+        self.molecules_seen = int(state.get("molecules_seen", 0))
+        self.phase_seconds = dict(state.get("phase_seconds", {}))
         self._rng_to_restore = state["rng"]
+
+    def on_train_end(self) -> None:
+        """One line on where the time went and how much of the training split PPO saw."""
+        total = sum(self.phase_seconds.values())
+        if not total or not self.trainer.is_global_zero:
+            return
+        phases = ", ".join(f"{phase} {seconds:.0f} s ({seconds / total:.0%})" for phase, seconds in self.phase_seconds.items())
+        datamodule = self.trainer.datamodule
+        train = len(datamodule.examples("train")) if isinstance(datamodule, RationaleDataModule) else None
+        share = f" of {train} training molecules ({self.molecules_seen / train:.0%})" if train else ""
+        log.info("PPO: %d iterations, %s; %d molecules rolled out%s", self.iteration, phases, self.molecules_seen, share)
 
     def on_train_start(self) -> None:
         super().on_train_start()
