@@ -2,7 +2,7 @@
 
 import json
 
-from chemlit.bench.__main__ import throughput_markdown
+from chemlit.bench.report import throughput_markdown
 from chemlit.bench.throughput import summarize
 
 
@@ -35,7 +35,7 @@ def test_the_ratio_pairs_iterations_that_ran_back_to_back():
 
 
 def test_a_new_throughput_run_replaces_only_the_reports_throughput_section(tmp_path):
-    from chemlit.bench.__main__ import THROUGHPUT_HEADING, replace_throughput_section
+    from chemlit.bench.report import THROUGHPUT_HEADING, replace_throughput_section
 
     report = tmp_path / "report.md"
     report.write_text("# Report\n\n| model | MAE |\n\n" + THROUGHPUT_HEADING + "0.11.4\n\nold numbers\n")
@@ -58,7 +58,7 @@ def test_sft_ablations_train_each_variant_from_the_same_cpt_export_and_compare_t
     text = sft_ablations(runs, tmp_path / "out", ROOT / "configs" / "quickstart", str(tiny_table), 1,
                          ["sft-compact", "sft-compact-analogues"],
                          extra={"sft": EXTRA["sft"] + ["--trainer.log_every_n_steps", "1"], "test": EXTRA["test"]})
-    assert (tmp_path / "out" / "ablations.md").read_text() == text
+    assert (tmp_path / "out" / "results" / "ablations.md").read_text() == text
     for name in ("sft-compact", "sft-compact-analogues"):
         config = next((runs / name).glob("version_*/config.yaml")).read_text()
         assert f"path: {runs / 'cpt' / 'export'}" in config and "rationale_style: compact" in config
@@ -77,12 +77,12 @@ def test_one_report_carries_every_test_set_its_baselines_the_ppo_story_and_the_a
     write_run_record(runs, ["--runs", str(runs), "--minutes", "1"], 90.0, result)
     record = json.loads((runs / RUN_RECORD).read_text())
     assert record["command"] == f"python -m chemlit pipeline --runs {runs} --minutes 1" and record["minutes"] == 1.5
-    out.mkdir()
-    (out / "ablations.md").write_text("# Report: 9 test molecules\n\nrows\n\n## Learning per minute\n\nmore\n")
+    (out / "results").mkdir(parents=True)
+    (out / "results" / "ablations.md").write_text("# Report: 9 test molecules\n\nrows\n\n## Learning per minute\n\nmore\n")
     # the same run stands in for the scaffold set too: its answers by the product's decoding are reused
     test_sets = test_sets_from_args(runs, None, runs, None)
     text = full_report(test_sets, out, configs, str(tiny_table), extra=tuple(EXTRA["test"]))
-    assert (out / "report.md").read_text() == text
+    assert (out / "results.md").read_text() == text
     summary = text.split(SUMMARY_HEADING, 1)[1].split("\n## ", 1)[0]
     rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| test set")]
     assert [r.split(" | ")[0] for r in rows] == ["| Random split, the default pipeline (30-minute budget)",
@@ -102,5 +102,5 @@ def test_one_report_carries_every_test_set_its_baselines_the_ppo_story_and_the_a
         assert rows[0].split(" | ")[column] == cell
     assert "## The PPO run, from its TensorBoard logs" in text and "| KL per answer to the reference (nats) |" in text
     assert "## SFT ablations (`ablations.md`, copied)" in text and "### Learning per minute" in text
-    assert len((out / "report.csv").read_text().splitlines()) == 3
-    assert (out / "parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((out / "results" / "report.csv").read_text().splitlines()) == 3
+    assert (out / "results" / "parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,45 +1,35 @@
 """``python -m chemlit.bench``: the benchmark report (not a test; it takes a while).
 
     python -m chemlit.bench report     --runs runs/pipeline [--long runs/long] [--scaffold runs/scaffold]
-                                       [--source runs/source] [--out chemlit/bench/results]
+                                       [--source runs/source] [--out docs]
     python -m chemlit.bench ablations  --runs runs/pipeline [--minutes 8] [--variants ...]
-    python -m chemlit.bench throughput [--out chemlit/bench/results] [--trl-dir .bench-trl]
+    python -m chemlit.bench throughput [--out docs] [--trl-dir .bench-trl]
 
 ``report`` trains nothing: it reads finished pipeline runs (the default one, and optionally a longer
 run, a scaffold split and an out-of-source split), answers their test molecules with their SFT and
-PPO exports, and writes one ``report.md`` with every test set beside its baselines, the decoding
+PPO exports, and writes one ``results.md`` with every test set beside its baselines, the decoding
 ablation, what the model adds to the descriptor estimate, the PPO run's curves in numbers, and the
-ablations and throughput results found in ``--out`` (see chemlit/bench/report.py). ``ablations`` trains SFT variants
-(rationale style, none, analogues, CPT replay) for the same minutes each from the pipeline's CPT
-export and writes ``ablations.md``: test MAE under median decoding with intervals and paired
-differences, molecules per second and validation MAE by minute. ``throughput`` times one PPO
-iteration of chemlit against TRL 0.11.4 (see chemlit/bench/throughput.py).
+ablations and throughput results found in ``--out``/results/ (see chemlit/bench/report.py).
+``ablations`` trains SFT variants (rationale style, none, analogues, CPT replay) for the same minutes
+each from the pipeline's CPT export and writes ``results/ablations.md``: test MAE under median decoding
+with intervals and paired differences, molecules per second and validation MAE by minute.
+``throughput`` times one PPO iteration of chemlit against TRL 0.11.4 (see chemlit/bench/throughput.py),
+writes ``results/throughput.json`` and renews the throughput section of ``results.md``. ``--out``
+(default docs/) is the same folder for all three.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import time
 from pathlib import Path
 
+from chemlit.bench.machine import machine
 from chemlit.cli import main as cli_main
 from chemlit.data.files import write_whole
 from chemlit.eval.baselines import GRADIENT_BOOSTING, RANDOM_FOREST
 from chemlit.pipeline import STAGES, stage_args, test_predictions
-
-THROUGHPUT_HEADING = "## PPO iteration throughput: chemlit vs TRL "
-
-
-def machine() -> str:
-    import torch
-
-    return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), {platform.system()}")
-
 
 def run_ablation(name: str, stage_name: str, configs: Path, runs: Path, table: str, previous: Path,
                  overrides: list[str]) -> tuple[Path, float]:
@@ -97,7 +87,8 @@ def learning_curve(run_dir: Path, examples_per_step: int, train_molecules: int) 
 
 def sft_ablations(runs: Path, out: Path, configs: Path, table: str, minutes: int, variants: list[str],
                   extra: dict[str, list[str]] | None = None) -> str:
-    """Each SFT variant for ``minutes`` from the pipeline's CPT export, its test answers, one report.
+    """Each SFT variant for ``minutes`` from the pipeline's CPT export, its test answers, one report
+    (``out/results/ablations.md``).
     ``extra``: more arguments for the "sft" fits and the "test" answers (tests shrink the runs with them)."""
     extra = extra or {}
     from chemlit.data.splits import read_split
@@ -139,7 +130,7 @@ def sft_ablations(runs: Path, out: Path, configs: Path, table: str, minutes: int
     evaluated = evaluation_columns(predictions, str(split_file), table)
     command = (f"`python -m chemlit.bench ablations --runs {runs} --minutes {minutes} --variants "
                f"{' '.join(variants)}` after `python -m chemlit pipeline --runs {runs}`")
-    from chemlit.bench.report import product_decoding
+    from chemlit.bench.report import RESULTS, product_decoding
 
     how = (f"Every variant: the SFT stage (`sft.yaml` + `after_cpt.yaml`) from the same CPT export for {minutes} min "
            f"of training, then the test molecules answered with the default decoding ({product_decoding(configs)[0]} "
@@ -158,76 +149,32 @@ def sft_ablations(runs: Path, out: Path, configs: Path, table: str, minutes: int
         rows.append(f"| {label} | {c['steps']} | {c['molecules_per_s']:.1f} | {c['epochs']:.1f} | {val} | "
                     f"{forgetting} |")
     text = text.rstrip("\n") + "\n" + "\n".join(rows) + "\n"
-    out.mkdir(parents=True, exist_ok=True)
-    write_whole(out / "ablations.md", text)
+    (out / RESULTS).mkdir(parents=True, exist_ok=True)
+    write_whole(out / RESULTS / "ablations.md", text)
     return text
-
-
-def throughput_markdown(summary: dict) -> str:
-    setup, ours, theirs = summary["setup"], summary["chemlit"], summary["trl"]
-    return "\n".join([
-        THROUGHPUT_HEADING + theirs.get("trl_version", "0.11.4"), "",
-        f"Same model ({setup['model']}), {setup['samples_per_iteration']} samples per iteration "
-        f"({setup['prompts']} prompts x {setup['samples_per_prompt']}), up to {setup['max_new_tokens']} new tokens, "
-        f"{setup['ppo_epochs']} PPO epochs x {setup['minibatches']} minibatches; "
-        f"{setup['timed_iterations']} timed iterations after one warm-up"
-        + (", chemlit's and TRL's in turn" if "paired_ratios" in summary else "") + ", samples/s from the median. "
-        f"Made by: `python -m chemlit.bench throughput --iterations {setup['timed_iterations']}`"
-        + (f" on {setup['machine']}" if "machine" in setup else "") + ".", "",
-        "| implementation | median s / iteration | timed iterations (s) | mean response length (tokens) "
-        "| samples / s | response tokens / s |", "|---|---|---|---|---|---|",
-        _throughput_row("chemlit PPOModule", ours),
-        _throughput_row(f"TRL {theirs.get('trl_version', '')} PPOTrainer.generate + step", theirs), "",
-        (f"Ratio chemlit / TRL: **{summary['ratio_chemlit_over_trl']:.2f}x** in samples/s, the median over the "
-         f"iteration pairs ({', '.join(f'{r:.2f}' for r in summary['paired_ratios'])}); "
-         f"{summary['ratio_of_median_samples_per_second']:.2f}x from the median iterations"
-         if "paired_ratios" in summary else
-         f"Ratio chemlit / TRL: **{summary['ratio_chemlit_over_trl']:.2f}x** in samples/s")
-        + (f", {ours['response_tokens_per_second'] / theirs['response_tokens_per_second']:.2f}x in response tokens/s"
-           if "response_tokens_per_second" in ours else "")
-        + ". Rollout: chemlit "
-        f"{ours['rollout_tokens_per_second']:.0f} tokens/s vs the model's own cached `generate` loop "
-        f"{ours['generate_tokens_per_second']:.0f} tokens/s on the same prompts.", ""])
-
-
-def replace_throughput_section(path: Path, section: str) -> None:
-    """A report made earlier gets the new throughput section (the rest of it is left as it was)."""
-    if path.exists():
-        text = path.read_text(encoding="utf-8")
-        start = text.find(THROUGHPUT_HEADING)
-        write_whole(path, (text[:start] if start >= 0 else text.rstrip("\n") + "\n\n") + section)
-
-
-def _throughput_row(name: str, result: dict) -> str:
-    seconds, lengths = result["seconds_per_iteration"], result.get("mean_response_length", [])
-    tokens_per_second = result.get("response_tokens_per_second")
-    return (f"| {name} | {statistics.median(seconds):.2f} | {', '.join(f'{x:.1f}' for x in seconds)} | "
-            f"{', '.join(f'{x:.0f}' for x in lengths)} | {result['samples_per_second']:.1f} | "
-            + (f"{tokens_per_second:.0f} |" if tokens_per_second else "– |"))
-
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m chemlit.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    rep = sub.add_parser("report", help="one report.md from finished pipeline runs (trains nothing)")
+    rep = sub.add_parser("report", help="one results.md from finished pipeline runs (trains nothing)")
     rep.add_argument("--runs", default="runs/pipeline", help="the default pipeline run (random split)")
     rep.add_argument("--long", help="a longer pipeline run on the same split")
     rep.add_argument("--scaffold", help="a pipeline run with --split scaffold")
     rep.add_argument("--source", help="a pipeline run with --split source")
     rep.add_argument("--configs", default="configs/quickstart")
     rep.add_argument("--table", default="builtin")
-    rep.add_argument("--out", default="chemlit/bench/results")
+    rep.add_argument("--out", default="docs")
     abl = sub.add_parser("ablations", help="SFT variants for the same minutes from the pipeline's CPT export")
     abl.add_argument("--runs", default="runs/pipeline")
     abl.add_argument("--configs", default="configs/quickstart")
     abl.add_argument("--table", default="builtin")
-    abl.add_argument("--out", default="chemlit/bench/results")
+    abl.add_argument("--out", default="docs")
     abl.add_argument("--minutes", type=int, default=8, help="training minutes of each variant")
     abl.add_argument("--variants", nargs="+", choices=list(SFT_VARIANTS), default=list(SFT_VARIANTS),
                      help="the first is the one the others are compared with")
     thr = sub.add_parser("throughput", help="one PPO iteration: chemlit vs TRL 0.11.4")
-    thr.add_argument("--out", default="chemlit/bench/results")
+    thr.add_argument("--out", default="docs")
     thr.add_argument("--trl-dir", default=".bench-trl", help="where TRL 0.11.4 is installed (--no-deps)")
     thr.add_argument("--iterations", type=int, default=5, help="timed iterations of each, after one warm-up")
     args = parser.parse_args(argv)
@@ -238,12 +185,13 @@ def main(argv: list[str] | None = None) -> None:
         print(sft_ablations(Path(args.runs), Path(args.out), Path(args.configs), args.table, args.minutes,
                             args.variants))
     elif args.command == "throughput":
+        from chemlit.bench.report import REPORT, RESULTS, replace_throughput_section, throughput_markdown
         from chemlit.bench.throughput import run
 
-        summary = run(Path(args.out), Path(args.trl_dir), iterations=args.iterations)
+        summary = run(Path(args.out) / RESULTS, Path(args.trl_dir), iterations=args.iterations)
         section = throughput_markdown(summary)
         print(section)
-        replace_throughput_section(Path(args.out) / "report.md", section)
+        replace_throughput_section(Path(args.out) / REPORT, section)
     else:
         from chemlit.bench.report import full_report, test_sets_from_args
 

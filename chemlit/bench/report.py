@@ -1,10 +1,12 @@
-"""``python -m chemlit.bench report``: one ``report.md`` that carries every measurement of the product.
+"""``python -m chemlit.bench report``: one ``results.md`` that carries every measurement of the product.
 
     python -m chemlit.bench report --runs runs/pipeline [--long runs/long] [--scaffold runs/scaffold]
-                                   [--source runs/source] [--out chemlit/bench/results]
+                                   [--source runs/source] [--out docs]
 
 It trains nothing. It reads finished ``python -m chemlit pipeline`` run directories, answers their test
-molecules with their SFT and PPO exports (answers already made are reused), and writes one report:
+molecules with their SFT and PPO exports (answers already made are reused), and writes one report,
+``--out``/results.md, with its summary table (``results/report.csv``) and parity plot (``results/parity.png``)
+beside it:
 
 1. a summary table, one row per test set (the README's table is copied from it);
 2. each test set: the models by the product's decoding (``configs/quickstart/sft.yaml``) beside the
@@ -14,13 +16,14 @@ molecules with their SFT and PPO exports (answers already made are reused), and 
    (the decoding ablation), and says what the model adds to the estimate it reads;
 3. the PPO run's story from its TensorBoard logs: reward and success per curriculum level, KL, validation;
 4. the SFT ablations (``ablations.md`` of ``python -m chemlit.bench ablations``) and the throughput
-   benchmark (``throughput.json``), when they are in ``--out``.
+   benchmark (``throughput.json``), when they are in ``--out``/results/.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,10 @@ from chemlit.eval.baselines import GRADIENT_BOOSTING, MEAN, RANDOM_FOREST
 
 SFT, PPO = "SFT", "PPO"
 SUMMARY_HEADING = "## Summary"
+THROUGHPUT_HEADING = "## PPO iteration throughput: chemlit vs TRL "
+# The layout under --out (docs/ by default): the report, and beside it a folder of what it is made from or makes.
+REPORT = "results.md"
+RESULTS = "results"   # report.csv, parity.png, ablations.md (bench ablations), throughput.json (bench throughput)
 
 
 @dataclass
@@ -251,9 +258,10 @@ def _commit_note(runs: Path) -> str:
 
 def full_report(test_sets: list[TestSet], out: Path, configs: Path, table: str = "builtin",
                 extra: tuple[str, ...] = ()) -> str:
-    """Every section in one ``out/report.md`` (and ``report.csv``: the summary numbers); returns the text.
+    """Every section in one ``out/results.md`` (and ``out/results/``: ``report.csv``, the summary numbers, and
+    ``parity.png``); returns the text.
     ``extra``: more arguments for every answering run (tests shorten the answers with it)."""
-    from chemlit.bench.__main__ import machine, throughput_markdown
+    from chemlit.bench.machine import machine
     from chemlit.data.files import write_csv, write_whole
     from chemlit.pipeline import code_commit
 
@@ -271,24 +279,69 @@ def full_report(test_sets: list[TestSet], out: Path, configs: Path, table: str =
     parts = ["\n".join(header), summary_table(rows), *sections]
     if story:
         parts.append(story)
-    ablations = out / "ablations.md"
+    ablations = out / RESULTS / "ablations.md"
     if ablations.exists():
         text = ablations.read_text(encoding="utf-8")
         parts.append("## SFT ablations (`ablations.md`, copied)\n\n" + text.replace("\n## ", "\n### ")
                      .replace("# Report:", "Test molecules:", 1))
-    throughput = out / "throughput.json"
+    throughput = out / RESULTS / "throughput.json"
     if throughput.exists():
         parts.append(throughput_markdown(json.loads(throughput.read_text())))
     report = "\n\n".join(p.rstrip("\n") for p in parts) + "\n"
-    out.mkdir(parents=True, exist_ok=True)
-    write_whole(out / "report.md", report)
-    parity_png(out / "parity.png", rows[0]["parity"], rows[0]["truth"])
+    (out / RESULTS).mkdir(parents=True, exist_ok=True)
+    write_whole(out / REPORT, report)
+    parity_png(out / RESULTS / "parity.png", rows[0]["parity"], rows[0]["truth"])
     write_csv([{"test set": r["title"], "molecules": r["n"], "decoding": r["decoding"],
                 **{f"{k} MAE [95% CI]": r[k] for k in ("sft", "ppo", "forest", "boosting", "mean")},
                 "PPO - SFT": str(r["ppo_minus_sft"]), "PPO - forest": str(r["ppo_minus_forest"]),
                 **{f"{name} rationale fidelity": round(v, 4) for name, v in r["fidelity"].items()}} for r in rows],
-              out / "report.csv")
+              out / RESULTS / "report.csv")
     return report
+
+
+def throughput_markdown(summary: dict) -> str:
+    setup, ours, theirs = summary["setup"], summary["chemlit"], summary["trl"]
+    return "\n".join([
+        THROUGHPUT_HEADING + theirs.get("trl_version", "0.11.4"), "",
+        f"Same model ({setup['model']}), {setup['samples_per_iteration']} samples per iteration "
+        f"({setup['prompts']} prompts x {setup['samples_per_prompt']}), up to {setup['max_new_tokens']} new tokens, "
+        f"{setup['ppo_epochs']} PPO epochs x {setup['minibatches']} minibatches; "
+        f"{setup['timed_iterations']} timed iterations after one warm-up"
+        + (", chemlit's and TRL's in turn" if "paired_ratios" in summary else "") + ", samples/s from the median. "
+        f"Made by: `python -m chemlit.bench throughput --iterations {setup['timed_iterations']}`"
+        + (f" on {setup['machine']}" if "machine" in setup else "") + ".", "",
+        "| implementation | median s / iteration | timed iterations (s) | mean response length (tokens) "
+        "| samples / s | response tokens / s |", "|---|---|---|---|---|---|",
+        _throughput_row("chemlit PPOModule", ours),
+        _throughput_row(f"TRL {theirs.get('trl_version', '')} PPOTrainer.generate + step", theirs), "",
+        (f"Ratio chemlit / TRL: **{summary['ratio_chemlit_over_trl']:.2f}x** in samples/s, the median over the "
+         f"iteration pairs ({', '.join(f'{r:.2f}' for r in summary['paired_ratios'])}); "
+         f"{summary['ratio_of_median_samples_per_second']:.2f}x from the median iterations"
+         if "paired_ratios" in summary else
+         f"Ratio chemlit / TRL: **{summary['ratio_chemlit_over_trl']:.2f}x** in samples/s")
+        + (f", {ours['response_tokens_per_second'] / theirs['response_tokens_per_second']:.2f}x in response tokens/s"
+           if "response_tokens_per_second" in ours else "")
+        + ". Rollout: chemlit "
+        f"{ours['rollout_tokens_per_second']:.0f} tokens/s vs the model's own cached `generate` loop "
+        f"{ours['generate_tokens_per_second']:.0f} tokens/s on the same prompts.", ""])
+
+
+def replace_throughput_section(path: Path, section: str) -> None:
+    """A report made earlier gets the new throughput section (the rest of it is left as it was)."""
+    from chemlit.data.files import write_whole
+
+    if path.exists():
+        text = path.read_text(encoding="utf-8")
+        start = text.find(THROUGHPUT_HEADING)
+        write_whole(path, (text[:start] if start >= 0 else text.rstrip("\n") + "\n\n") + section)
+
+
+def _throughput_row(name: str, result: dict) -> str:
+    seconds, lengths = result["seconds_per_iteration"], result.get("mean_response_length", [])
+    tokens_per_second = result.get("response_tokens_per_second")
+    return (f"| {name} | {statistics.median(seconds):.2f} | {', '.join(f'{x:.1f}' for x in seconds)} | "
+            f"{', '.join(f'{x:.0f}' for x in lengths)} | {result['samples_per_second']:.1f} | "
+            + (f"{tokens_per_second:.0f} |" if tokens_per_second else "– |"))
 
 
 def parity_png(path: Path, models: dict, truth: np.ndarray) -> None:

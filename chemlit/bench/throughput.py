@@ -188,7 +188,7 @@ def summarize(setup: dict, ours: dict, theirs: dict) -> dict:
 
 def cpu_description() -> str:
     """The machine as the ratio depends on it: the bench report's machine line, the vector ISA torch uses, bf16 units."""
-    from chemlit.bench.__main__ import machine
+    from chemlit.bench.machine import machine
     from chemlit.hardware import cpu_facts
 
     facts = cpu_facts()
