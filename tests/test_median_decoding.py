@@ -1,5 +1,6 @@
 """decoding=median: the number is the median of numbers sampled after the model's own answer marker."""
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -12,6 +13,7 @@ from chemlit.data.records import canonical_smiles, randomized_smiles
 from chemlit.data.prompts import ANSWER_MARKER
 from chemlit.data.tokenizer import train_smiles_tokenizer
 from chemlit.models.factory import TinyConfig, build_tiny
+from chemlit.stages.handover import CALIBRATION_FILE, adopt_export, export_files
 from chemlit.stages.sft import SFTModule, conformal_scale
 
 
@@ -154,3 +156,33 @@ def test_predict_intervals_are_calibrated_on_validation_molecules(tmp_path, tiny
     module.calibration_molecules = 0  # off: the raw quantiles
     module.interval_scale = 1.0
     assert module.answer_with_interval(dm.collate_rl(dm.examples("test")[:1]))[2][0] == pytest.approx((92, 108))
+
+
+def test_predict_never_calibrates_on_the_molecules_it_answers(tmp_path, tiny_table, monkeypatch):
+    """predict_split all on a table: its own validation split is among the answered molecules, so the
+    intervals are calibrated on the training run's validation molecules that the export carries, or not at all."""
+    dm, tokenizer, module = _median_module(tmp_path, tiny_table, calibration_molecules=6)
+    dm.predict_split = "all"
+    answered = []
+    answer = tokenizer.encode(" small.\n##Prediction: 100") + [tokenizer.eos_token_id]
+
+    def fake_generate(ids, mask):
+        answered.extend(tokenizer.decode(row[m.bool()]).split("Molecule: ")[1].split("\n")[0] for row, m in zip(ids, mask))
+        return torch.tensor([answer] * ids.size(0)), ["small.\n##Prediction: 100"] * ids.size(0)
+
+    monkeypatch.setattr(module, "generate", fake_generate)
+    monkeypatch.setattr("chemlit.stages.answering.decode_after_prefix", lambda model, prefix_ids, *a, **k: torch.tensor(
+        [tokenizer.encode(c) + [tokenizer.eos_token_id] for c in [" 90", " 100", " 110"] * prefix_ids.size(0)]))
+    module.calibrate_interval()
+    assert answered == [] and module.interval_scale == 1.0   # nothing carried: raw quantiles, no table molecule read
+    # the export of the training run carries its validation molecules; predict calibrates on those
+    training_run = RationaleDataModule(table=str(tiny_table), run_dir=str(tmp_path / "train"))
+    training_run.setup()
+    files = export_files(training_run)
+    carried = json.loads(files[CALIBRATION_FILE])
+    assert [s for s, _ in carried] == [r.smiles for r in training_run.records["val"]]
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / CALIBRATION_FILE).write_text(files[CALIBRATION_FILE])
+    adopt_export(dm, str(tmp_path / "export"))
+    module.calibrate_interval()
+    assert answered == [s for s, _ in carried[:6]] and module.interval_scale != 1.0

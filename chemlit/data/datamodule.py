@@ -38,7 +38,7 @@ from chemlit.data.prompts import (
     render_completion,
     render_prompt,
 )
-from chemlit.data.rationale import RationaleStyle, write_rationale
+from chemlit.data.rationale import RationaleStyle, written_rationales
 from chemlit.data.records import (
     ColumnMap,
     OnInvalid,
@@ -198,6 +198,7 @@ class RationaleDataModule(L.LightningDataModule):
             raise ValueError(f"data.analogues must be >= 0, got {analogues}")
         self.analogues = analogues
         self.reference: Optional[ReferenceSet] = None  # built from the training split, or an export's
+        self.calibration_set: Optional[list[tuple[str, float]]] = None  # an export's (smiles, measured) to calibrate on
         self._analogues: dict[str, list[Analogue]] = {}
         self.descriptor_estimate = descriptor_estimate
         self.estimator: Optional[DescriptorEstimator] = None  # fitted on the training split, or an export's
@@ -284,11 +285,14 @@ class RationaleDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------- text
     def rationale(self, record: Record) -> str:
-        """The table's own rationale if it has one, else the structure-only writer's (cached)."""
+        """The table's own rationale if it has one, else the structure-only writer's: the first call
+        writes them for every molecule of the table at once, or reads them from the cache."""
         if record.rationale:
             return record.rationale
         if record.smiles not in self._rationales:
-            self._rationales[record.smiles] = write_rationale(record.smiles, self.rationale_style)
+            wanted = sorted({r.smiles for records in self.records.values() for r in records if not r.rationale}
+                            | {record.smiles})
+            self._rationales.update(zip(wanted, written_rationales(wanted, self.rationale_style)))
         return self._rationales[record.smiles]
 
     def use_rationale_style(self, style: RationaleStyle) -> None:
@@ -371,6 +375,26 @@ class RationaleDataModule(L.LightningDataModule):
 
     def examples(self, split: str) -> list[Example]:
         return [self.example(r) for r in self.records[split]]
+
+    def calibration_molecules(self) -> list[tuple[str, float]]:
+        """(smiles, measured) of the training run's validation molecules, which predict's intervals are
+        calibrated on: those the model's export or checkpoint carries, else this table's own validation
+        split when predict answers another split of the same table -- never a molecule predict answers
+        (with predict_split all or val and nothing carried: none, and the intervals stay raw)."""
+        if self.calibration_set is not None:
+            return list(self.calibration_set)
+        if self.predict_split in ("all", "val"):
+            return []
+        return [(r.smiles, r.target) for r in self.records.get("val", []) if r.target is not None]
+
+    def use_calibration_set(self, molecules: list[tuple[str, float]], where: str) -> None:
+        self.calibration_set = [(str(s), float(t)) for s, t in molecules]
+        log.info("interval calibration: %d validation molecules of the training run, from %s",
+                 len(self.calibration_set), where)
+
+    def calibration_examples(self, limit: int) -> list[Example]:
+        """Prompts of the first ``limit`` calibration molecules (``calibration_molecules``)."""
+        return [self.example(Record(smiles, target, None)) for smiles, target in self.calibration_molecules()[:limit]]
 
     def tokenizer_corpus(self) -> list[str]:
         """Texts a from-scratch tokenizer is trained on: the training split only. Without the estimate

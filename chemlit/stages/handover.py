@@ -19,6 +19,8 @@ from chemlit.data.datamodule import RationaleDataModule
 from chemlit.data.estimates import ESTIMATOR_FILE, DescriptorEstimator
 from chemlit.models.factory import EXPORT_INFO
 
+CALIBRATION_FILE = "calibration_molecules.json"  # the training run's validation molecules: predict's intervals
+
 log = logging.getLogger(__name__)
 
 
@@ -44,6 +46,9 @@ def adopt_export(datamodule, model_dir: str) -> None:
         log.info("%s learned %s rationales: data.rationale_style %s -> %s", model_dir, style,
                  datamodule.rationale_style, style)
         datamodule.use_rationale_style(style)
+    calibration = Path(model_dir) / CALIBRATION_FILE
+    if calibration.is_file():
+        datamodule.use_calibration_set(json.loads(calibration.read_text()), str(calibration))
     saved = Path(model_dir) / REFERENCE_FILE
     if not saved.is_file():
         return
@@ -65,6 +70,7 @@ def checkpoint_entries(datamodule) -> dict:
         entries["chemlit_analogues"] = datamodule.analogues
     if datamodule.descriptor_estimate:
         entries["chemlit_descriptor_estimator"] = datamodule.descriptor_estimator().to_bytes()
+    entries["chemlit_calibration_set"] = [list(m) for m in datamodule.calibration_molecules()]
     return entries
 
 
@@ -78,6 +84,8 @@ def adopt_checkpoint(datamodule, checkpoint: dict) -> None:
     if "chemlit_descriptor_estimator" in checkpoint:
         datamodule.use_estimator(DescriptorEstimator.from_bytes(checkpoint["chemlit_descriptor_estimator"]),
                                  "the checkpoint's descriptor estimator")
+    if checkpoint.get("chemlit_calibration_set"):
+        datamodule.use_calibration_set(checkpoint["chemlit_calibration_set"], "the checkpoint")
 
 
 def export_files(datamodule) -> dict[str, str | bytes]:
@@ -89,6 +97,9 @@ def export_files(datamodule) -> dict[str, str | bytes]:
         files[REFERENCE_FILE] = datamodule.reference_set().to_json()
     if datamodule.descriptor_estimate:
         files[ESTIMATOR_FILE] = datamodule.descriptor_estimator().to_bytes()
+    calibration = datamodule.calibration_molecules()
+    if calibration:
+        files[CALIBRATION_FILE] = json.dumps(calibration)
     return files
 
 

@@ -190,10 +190,11 @@ class SFTModule(AnsweringStage):
 
     @torch.no_grad()
     def calibrate_interval(self) -> None:
-        """``interval_scale`` from the first ``calibration_molecules`` measured validation molecules."""
+        """``interval_scale`` from the first ``calibration_molecules`` measured validation molecules of the
+        training run (``RationaleDataModule.calibration_molecules``: never molecules predict answers)."""
         self.interval_scale = 1.0
         datamodule = self.trainer.datamodule
-        examples = [ex for ex in datamodule.examples("val") if ex.target is not None][:self.calibration_molecules]
+        examples = datamodule.calibration_examples(self.calibration_molecules)  # the training run's validation molecules
         if self.decoding != "median" or not examples:
             return
         medians, lows, highs, targets = [], [], [], []
