@@ -1,6 +1,6 @@
-"""The descriptor estimate is cached between runs (``$CHEMLIT_CACHE``): a second setup on the same
-split fits nothing and gives the same numbers; anything that changes the numbers misses the cache;
-an entry that cannot be trusted is recomputed with a warning."""
+"""The descriptor estimate and the written rationales are cached between runs (``$CHEMLIT_CACHE``): a
+second setup on the same split fits and writes nothing and gives the same numbers and texts; anything
+that changes them misses the cache; an entry that cannot be trusted is recomputed with a warning."""
 
 import csv
 import logging
@@ -8,19 +8,23 @@ import logging
 import numpy as np
 import pytest
 
-from chemlit.data import descriptors, estimates
+from chemlit.data import datamodule, descriptors, estimates, rationale
 from chemlit.data.datamodule import RationaleDataModule
 from chemlit.data.estimates import DescriptorEstimator
-from chemlit.data.records import canonical_smiles
+from chemlit.data.records import Record, canonical_smiles
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    """A scratch cache, and a short-boosting estimator so that each fit takes a moment."""
+    """A scratch cache, and a short-boosting estimator on one thread so that each fit takes a moment
+    (OpenMP's threads on a busy 2-core machine made these tests 7x slower)."""
+    from threadpoolctl import threadpool_limits
+
     monkeypatch.setenv("CHEMLIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(estimates, "GRADIENT_BOOSTING", {"max_iter": 20, "learning_rate": 0.1,
                                                          "early_stopping": False}, raising=False)
-    return tmp_path / "cache"
+    with threadpool_limits(1):
+        yield tmp_path / "cache"
 
 
 @pytest.fixture
@@ -59,6 +63,15 @@ def _no_fitting(monkeypatch):
         monkeypatch.setattr(module, name, refuse)
 
 
+def _as_a_new_command():
+    """What a second command starts with: no cache entry read yet in this process."""
+    try:
+        from chemlit.data.cache import _read
+    except ImportError:  # the code before the cache
+        return
+    _read.clear()
+
+
 def _setup(table, run_dir, **kwargs) -> RationaleDataModule:
     dm = RationaleDataModule(table=str(table), run_dir=str(run_dir), descriptor_estimate=True, **kwargs)
     dm.setup()
@@ -83,6 +96,7 @@ def test_the_second_setup_on_the_same_split_fits_nothing_and_gives_the_same_esti
     caplog.clear()
 
     _no_fitting(monkeypatch)
+    _as_a_new_command()
     with caplog.at_level(logging.INFO, logger="chemlit"):
         dm = _setup(tiny_table, tmp_path / "run2")
         second = _all_estimates(dm)
@@ -147,11 +161,16 @@ def test_a_change_in_values_split_or_settings_misses_the_cache(tmp_path, tiny_ta
     monkeypatch.setattr(sklearn, "__version__", "0.0.1")
     assert misses()                                    # another scikit-learn
     monkeypatch.setattr(sklearn, "__version__", installed)
-    rows = fits["descriptor_rows"]
-    monkeypatch.setattr(descriptors, "DESCRIPTORS_VERSION", 99, raising=False)
-    assert misses()                                    # another descriptor set: descriptors recomputed too
+    from rdkit import rdBase
+
+    rows, installed = fits["descriptor_rows"], rdBase.rdkitVersion
+    monkeypatch.setattr(rdBase, "rdkitVersion", "1999.01.1")
+    assert misses()                                    # another RDKit: descriptors computed again too
     assert fits["descriptor_rows"] > rows
+    monkeypatch.setattr(rdBase, "rdkitVersion", installed)
     assert _all_estimates(_setup(tiny_table, tmp_path / "again")) == before
+    monkeypatch.setattr(estimates, "source_digest", lambda *modules: "edited", raising=False)
+    assert misses()                                    # other code computing them
 
 
 def test_an_entry_that_cannot_be_trusted_is_recomputed_with_a_warning(tmp_path, tiny_table, cache, fits, caplog):
@@ -197,13 +216,59 @@ def test_an_entry_that_cannot_be_trusted_is_recomputed_with_a_warning(tmp_path, 
     assert fits["out_of_fold"] == runs + 1
 
 
-def test_a_cache_that_cannot_be_written_is_a_warning(tmp_path, tiny_table, monkeypatch, caplog):
+def test_a_cache_that_cannot_be_written_is_a_warning(tmp_path, tiny_table, cache, monkeypatch, caplog):
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
     monkeypatch.setenv("CHEMLIT_CACHE", str(blocked))
-    monkeypatch.setattr(estimates, "GRADIENT_BOOSTING", {"max_iter": 20, "learning_rate": 0.1,
-                                                         "early_stopping": False}, raising=False)
     with caplog.at_level(logging.WARNING, logger="chemlit"):
         dm = _setup(tiny_table, tmp_path / "run")
         assert len(_all_estimates(dm)) == 160
     assert "could not write cache entry" in caplog.text
+
+
+def test_the_second_setup_writes_no_rationale_and_gives_the_same_texts(tmp_path, tiny_table, cache, monkeypatch,
+                                                                       caplog):
+    def texts(run, style="compact") -> dict[str, str]:
+        dm = RationaleDataModule(table=str(tiny_table), run_dir=str(tmp_path / run), rationale_style=style)
+        dm.setup()
+        return {r.smiles: dm.rationale(r) for records in dm.records.values() for r in records}
+
+    first = texts("run1")
+    write_rationale = rationale.write_rationale
+    (entry,) = (cache / "rationales").glob("compact-*.npz")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("written again instead of read from the cache")
+
+    monkeypatch.setattr(rationale, "write_rationale", refuse)
+    monkeypatch.setattr(datamodule, "write_rationale", refuse, raising=False)
+    _as_a_new_command()
+    with caplog.at_level(logging.INFO, logger="chemlit"):
+        assert texts("run2") == first
+    assert f"compact rationales: 160 molecules from cache {entry}" in caplog.text
+    assert first == {s: write_rationale(s, "compact") for s in first}
+    with pytest.raises(AssertionError, match="written again"):
+        texts("full", style="full")                    # another style misses
+    from rdkit import rdBase
+
+    installed = rdBase.rdkitVersion
+    monkeypatch.setattr(rdBase, "rdkitVersion", "1999.01.1")
+    with pytest.raises(AssertionError, match="written again"):
+        texts("rdkit")                                 # another RDKit misses
+    monkeypatch.setattr(rdBase, "rdkitVersion", installed)
+
+    monkeypatch.setattr(rationale, "write_rationale", write_rationale)
+    # a molecule from outside the table (a calibration molecule an export carries) is written, and the
+    # table's whole entry is not rewritten for it
+    dm = RationaleDataModule(table=str(tiny_table), run_dir=str(tmp_path / "outside"), rationale_style="compact")
+    dm.setup()
+    stamp = entry.stat().st_mtime_ns
+    outside = Record(canonical_smiles("CCCCCCCCO"), None, None)
+    assert outside.smiles not in first and dm.rationale(outside) == write_rationale(outside.smiles, "compact")
+    assert entry.stat().st_mtime_ns == stamp
+
+    entry.write_bytes(entry.read_bytes()[:-10])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="chemlit"):
+        assert texts("corrupt") == first
+    assert f"ignoring cache entry {entry}" in caplog.text

@@ -1,10 +1,11 @@
-"""Arrays chemlit can recompute but would rather not (descriptors, the descriptor estimate), cached
-under ``cache_dir()`` next to the built-in table.
+"""Arrays chemlit can recompute but would rather not (descriptors, the descriptor estimate, written
+rationales), cached under ``cache_dir()`` next to the built-in table.
 
 An entry is one ``.npz`` of plain arrays (no pickle) written whole or not at all, holding the key it
 was made for and a checksum of each array. Reading checks both: an entry that is unreadable, made for
 another key, or whose arrays do not match their checksums is ignored with a warning (the caller
-recomputes and overwrites it), never trusted.
+recomputes and overwrites it), never trusted. Keys hold everything the numbers depend on, including
+the source of the module that computes them (``source_digest``): changed code misses the cache.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Optional
+from types import ModuleType
+from typing import Optional, Union
 
 import numpy as np
 
@@ -38,14 +40,24 @@ def digest(*parts) -> str:
     return h.hexdigest()
 
 
+def source_digest(*modules: ModuleType) -> str:
+    """sha256 of the source files of ``modules``: a cached result is keyed by the code that made it."""
+    h = hashlib.sha256()
+    for module in modules:
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()
+
+
 def text_array(strings: Sequence[str]) -> np.ndarray:
-    """Strings (no newlines, e.g. SMILES) as one uint8 array: compact, unlike fixed-width unicode."""
-    return np.frombuffer("\n".join(strings).encode("utf-8"), dtype=np.uint8)
+    """Strings as one uint8 array (their JSON): compact, unlike numpy's fixed-width unicode."""
+    return np.frombuffer(json.dumps(list(strings), ensure_ascii=False).encode("utf-8"), dtype=np.uint8)
 
 
 def text_list(array: np.ndarray) -> list[str]:
-    text = array.tobytes().decode("utf-8")
-    return text.split("\n") if text else []
+    strings = json.loads(array.tobytes().decode("utf-8"))
+    if not isinstance(strings, list) or not all(isinstance(s, str) for s in strings):
+        raise ValueError("not a list of strings")
+    return strings
 
 
 def cache_path(*parts: str) -> Path:
@@ -86,3 +98,76 @@ def write_entry(path: Path, key: str, arrays: dict[str, np.ndarray], what: str) 
     except OSError as error:
         log.warning("%s: could not write cache entry %s (%s); it is recomputed next time", what, path, error)
         return None
+
+
+PerMolecule = Union[np.ndarray, list[str]]
+# entries of cached_per_smiles already read by this process: path -> (key, file stamp, SMILES, values, index)
+_read: dict[Path, tuple] = {}
+
+
+def _stamp(path: Path) -> Optional[tuple[int, int, int]]:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+def _read_per_smiles(path: Path, key: str, what: str) -> tuple[list[str], Optional[PerMolecule], dict[str, int], bool]:
+    """(SMILES, values, index, whether the file was read now) of the entry at ``path``."""
+    stamp = _stamp(path)
+    if stamp is None:
+        return [], None, {}, False
+    memo = _read.get(path)
+    if memo is not None and memo[:2] == (key, stamp):
+        return (*memo[2:], False)
+    known: list[str] = []
+    values: Optional[PerMolecule] = None
+    entry = read_entry(path, key, what)
+    if entry is not None:
+        try:
+            known = text_list(entry["smiles"])
+            values = text_list(entry["texts"]) if "texts" in entry else entry["rows"]
+            if len(values) != len(known) or len(set(known)) != len(known):
+                raise ValueError("its values do not match its SMILES")
+        except (KeyError, ValueError, UnicodeDecodeError) as error:
+            log.warning("%s: ignoring cache entry %s (%s); recomputing", what, path, error)
+            known, values = [], None
+    index = {s: i for i, s in enumerate(known)}
+    _read[path] = (key, stamp, known, values, index)
+    return known, values, index, True
+
+
+def cached_per_smiles(smiles: Sequence[str], compute: Callable[[list[str]], PerMolecule], path: Path, key: str,
+                      what: str) -> PerMolecule:
+    """``compute(smiles)`` -- array rows or strings, one per molecule, each depending on its molecule
+    alone -- kept per SMILES in the entry at ``path``: only molecules not seen before are computed and
+    added to the entry. A few new molecules next to many known ones (a molecule from outside the table)
+    are computed and not stored: rewriting the whole entry would cost more than computing them again."""
+    smiles = list(smiles)
+    known, values, index, read_now = _read_per_smiles(path, key, what)
+    missing = sorted(set(smiles) - index.keys())
+    if missing:
+        store = 20 * len(missing) >= len(known)
+        if store:
+            log.info("%s: computing %d molecules (%d more from cache %s)", what, len(missing),
+                     len(set(smiles)) - len(missing), path)
+        new = compute(missing)
+        if values is None:
+            values = new
+        elif isinstance(values, list):
+            values = values + list(new)
+        else:
+            values = np.concatenate([values, new])
+        index = {**index, **{s: len(known) + i for i, s in enumerate(missing)}}
+        known = known + missing
+        texts = isinstance(values, list)
+        if store and write_entry(path, key, {"smiles": text_array(known),
+                                             ("texts" if texts else "rows"): text_array(values) if texts else values},
+                                 what):
+            _read[path] = (key, _stamp(path), known, values, index)
+            log.info("%s: stored %d molecules in %s", what, len(known), path)
+    elif read_now:
+        log.info("%s: %d molecules from cache %s", what, len(set(smiles)), path)
+    order = [index[s] for s in smiles]
+    return [values[i] for i in order] if isinstance(values, list) else values[order]

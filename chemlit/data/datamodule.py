@@ -291,7 +291,7 @@ class RationaleDataModule(L.LightningDataModule):
             return record.rationale
         if record.smiles not in self._rationales:
             wanted = sorted({r.smiles for records in self.records.values() for r in records if not r.rationale}
-                            | {record.smiles})
+                            - self._rationales.keys() | {record.smiles})
             self._rationales.update(zip(wanted, written_rationales(wanted, self.rationale_style)))
         return self._rationales[record.smiles]
 

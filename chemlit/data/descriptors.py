@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import os
 from collections.abc import Sequence
@@ -13,12 +12,7 @@ import numpy as np
 from rdkit import Chem, RDLogger
 from rdkit.Chem import Descriptors
 
-from chemlit.data.cache import cache_path, digest, read_entry, text_array, text_list, write_entry
-
-log = logging.getLogger(__name__)
-
-# Bump when descriptor_matrix computes other numbers for the same RDKit: cached rows are keyed by it.
-DESCRIPTORS_VERSION = 1
+from chemlit.data.cache import cache_path, cached_per_smiles, digest, source_digest
 
 
 def descriptor_names() -> list[str]:
@@ -57,38 +51,20 @@ def descriptor_matrix(smiles: Sequence[str], n_jobs: int | None = None) -> np.nd
 
 
 def descriptor_set() -> dict:
-    """What a molecule's descriptor row depends on besides its SMILES."""
+    """What a molecule's descriptor row depends on besides its SMILES: RDKit, its descriptor list, this code."""
+    import sys
+
     from rdkit import rdBase
 
-    return {"version": DESCRIPTORS_VERSION, "rdkit": rdBase.rdkitVersion, "names": descriptor_names()}
+    return {"rdkit": rdBase.rdkitVersion, "names": descriptor_names(), "code": source_digest(sys.modules[__name__])}
 
 
 def cached_descriptor_matrix(smiles: Sequence[str], n_jobs: int | None = None) -> np.ndarray:
     """``descriptor_matrix(smiles)``, its rows kept per SMILES in the cache (one file per descriptor
-    set: RDKit version and descriptor list): only molecules not seen before are computed."""
-    smiles = list(smiles)
+    set): only molecules not seen before are computed."""
     about = descriptor_set()
     key = digest(about)
-    path = cache_path("descriptors", f"rdkit-{about['rdkit']}-{key[:16]}.npz")
-    entry = read_entry(path, key, "descriptors")
-    known, rows = [], np.zeros((0, len(about["names"])), dtype=np.float32)
-    if entry is not None:
-        known = text_list(entry["smiles"])
-        if entry["descriptors"].shape == (len(known), len(about["names"])) and len(set(known)) == len(known):
-            rows = entry["descriptors"].astype(np.float32, copy=False)
-        else:
-            log.warning("descriptors: ignoring cache entry %s (its rows do not match its SMILES); recomputing", path)
-            known = []
-    index = {s: i for i, s in enumerate(known)}
-    missing = sorted(set(smiles) - index.keys())
-    if missing:
-        log.info("descriptors: computing RDKit descriptors of %d molecules (%d more from cache %s)",
-                 len(missing), len(set(smiles)) - len(missing), path)
-        rows = np.concatenate([rows, descriptor_matrix(missing, n_jobs)])
-        index.update((s, len(known) + i) for i, s in enumerate(missing))
-        known = known + missing
-        if write_entry(path, key, {"smiles": text_array(known), "descriptors": rows}, "descriptors"):
-            log.info("descriptors: stored %d molecules' descriptors in %s", len(known), path)
-    elif smiles:
-        log.info("descriptors: %d molecules from cache %s", len(set(smiles)), path)
-    return rows[[index[s] for s in smiles]]
+    if not smiles:
+        return np.zeros((0, len(about["names"])), dtype=np.float32)
+    return cached_per_smiles(smiles, lambda missing: descriptor_matrix(missing, n_jobs),
+                             cache_path("descriptors", f"rdkit-{about['rdkit']}-{key[:16]}.npz"), key, "descriptors")

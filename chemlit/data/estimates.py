@@ -24,7 +24,7 @@ same model (seeded: the same numbers) without the table or the split.
 
 Fitting takes minutes on a few cores, so its results are cached (``chemlit.data.cache``): the
 descriptors per SMILES, and per training set (its molecules, values and descriptors, ``folds``,
-``seed``, the estimator's settings, the versions of scikit-learn, NumPy and RDKit) the out-of-fold
+``seed``, the estimator's settings, the versions of scikit-learn, NumPy and RDKit, this code) the out-of-fold
 estimates and the full model's estimates of every other molecule asked about so far. A second run on
 the same split fits nothing; a new molecule fits the full model once and adds its estimate.
 """
@@ -40,7 +40,7 @@ from typing import Optional
 
 import numpy as np
 
-from chemlit.data.cache import cache_path, digest, read_entry, text_array, text_list, write_entry
+from chemlit.data.cache import cache_path, digest, read_entry, source_digest, text_array, text_list, write_entry
 from chemlit.data.descriptors import cached_descriptor_matrix, descriptor_matrix, descriptor_names, descriptor_set
 from chemlit.data.files import write_whole
 from chemlit.data.records import canonical_smiles
@@ -49,9 +49,6 @@ log = logging.getLogger(__name__)
 
 ESTIMATOR_FILE = "descriptor_estimator.npz"
 GRADIENT_BOOSTING = {"max_iter": 300, "learning_rate": 0.1, "early_stopping": False}
-# Bump when out_of_fold or the model compute other numbers from the same inputs and settings: cached
-# estimates are keyed by it.
-ESTIMATES_VERSION = 1
 
 
 def gradient_boosting(seed: int = 0):
@@ -131,7 +128,8 @@ class DescriptorEstimator:
     def estimate(self, smiles: Sequence[str]) -> list[float]:
         """°C for each molecule: a training molecule's out-of-fold estimate (never from its own value),
         any other's from the model fitted on all of them."""
-        canonical = [canonical_smiles(s) for s in smiles]
+        # a string that is a known molecule's canonical SMILES is that molecule: no need to parse it again
+        canonical = [s if s in self._index or s in self._predicted else canonical_smiles(s) for s in smiles]
         out = [float(self.fold_estimates[self._index[s]]) if s in self._index else None for s in canonical]
         new = sorted({s for s, e in zip(canonical, out) if e is None} - self._predicted.keys())
         if new:
@@ -149,9 +147,11 @@ class DescriptorEstimator:
 
     def cache_key(self) -> str:
         """Everything the estimates depend on: the training set, the folds and the model."""
+        import sys
+
         import sklearn
 
-        settings = {"version": ESTIMATES_VERSION, "folds": self.folds, "seed": self.seed,
+        settings = {"code": source_digest(sys.modules[__name__]), "folds": self.folds, "seed": self.seed,
                     "model": GRADIENT_BOOSTING, "scikit-learn": sklearn.__version__, "numpy": np.__version__,
                     "descriptors": descriptor_set()}
         return digest(settings, text_array(self.smiles), self.values, self.descriptors)

@@ -13,15 +13,21 @@ points and the direction of its effect, the way a chemist would reason before lo
 * functional groups found with SMARTS (acids, amides, ureas... with their effect).
 
 The words are fixed templates; only counts and names from the structure are filled in.
+``written_rationales`` keeps them in the cache (``chemlit.data.cache``): a table's rationales are
+written once per style, RDKit version and version of this code.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Literal
 
-from rdkit import Chem
+from rdkit import Chem, rdBase
 from rdkit.Chem import Descriptors, Lipinski, rdMolDescriptors
+
+from chemlit.data.cache import cache_path, cached_per_smiles, digest, source_digest
 
 # (name, SMARTS, effect phrase). Order matters only for the order of the sentence.
 FUNCTIONAL_GROUPS: tuple[tuple[str, str, str], ...] = (
@@ -169,3 +175,14 @@ def write_rationale(smiles: str, style: RationaleStyle = "full") -> str:
         _group_sentence(mol),
     ]
     return " ".join(s for s in sentences if s)
+
+
+def written_rationales(smiles: Sequence[str], style: RationaleStyle = "full") -> list[str]:
+    """``write_rationale`` of each molecule, kept per SMILES in the cache: only molecules not seen
+    before are written (about 0.6 ms each)."""
+    if style not in ("full", "compact"):
+        raise ValueError(f"unknown rationale style {style!r} (use 'full' or 'compact')")
+    key = digest({"style": style, "rdkit": rdBase.rdkitVersion, "code": source_digest(sys.modules[__name__])})
+    return cached_per_smiles(smiles, lambda missing: [write_rationale(s, style) for s in missing],
+                             cache_path("rationales", f"{style}-rdkit-{rdBase.rdkitVersion}-{key[:16]}.npz"), key,
+                             f"{style} rationales")
