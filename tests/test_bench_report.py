@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from chemlit.bench.report import throughput_markdown
 from chemlit.bench.throughput import summarize
 
@@ -47,6 +49,7 @@ def test_a_new_throughput_run_replaces_only_the_reports_throughput_section(tmp_p
     assert bare.read_text() == "# Report\n\n" + THROUGHPUT_HEADING + "x\n"
 
 
+@pytest.mark.slow
 def test_sft_ablations_train_each_variant_from_the_same_cpt_export_and_compare_them(tmp_path, tiny_table):
     from chemlit.bench.__main__ import sft_ablations
     from chemlit.pipeline import run_pipeline
@@ -67,6 +70,7 @@ def test_sft_ablations_train_each_variant_from_the_same_cpt_export_and_compare_t
     assert "## Learning per minute" in text and "| compact rationale | 3 |" in text
 
 
+@pytest.mark.slow
 def test_one_report_carries_every_test_set_its_baselines_the_ppo_story_and_the_ablations(tmp_path, tiny_table):
     from chemlit.bench.report import SUMMARY_HEADING, full_report, test_sets_from_args
     from chemlit.pipeline import RUN_RECORD, run_pipeline, write_run_record
@@ -104,3 +108,28 @@ def test_one_report_carries_every_test_set_its_baselines_the_ppo_story_and_the_a
     assert "## SFT ablations (`ablations.md`, copied)" in text and "### Learning per minute" in text
     assert len((out / "results" / "report.csv").read_text().splitlines()) == 3
     assert (out / "results" / "parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_ppo_ablations_train_each_variant_from_one_sft_export_and_answer_validation_only(tmp_path, tiny_table):
+    from chemlit.bench.ppo_ablations import ppo_ablations
+    from chemlit.data.splits import read_split
+    from tests.test_pipeline import EXTRA, ROOT
+
+    runs, configs = tmp_path / "runs", ROOT / "configs" / "quickstart"
+    extra = {**EXTRA, "ppo": EXTRA["ppo"] + ["--trainer.log_every_n_steps", "1"], "val": EXTRA["test"]}
+    text = ppo_ablations(runs, tmp_path / "out", configs, str(tiny_table), 2, ["ppo-graded", "ppo-kernel-score"],
+                         extra=extra)
+    assert (tmp_path / "out" / "results" / "ppo_ablations.md").read_text() == text
+    for name, objective in (("ppo-graded", "sample"), ("ppo-kernel-score", "kernel_score")):
+        config = next((runs / name).glob("version_*/config.yaml")).read_text()
+        assert f"path: {runs / 'sft' / 'export'}" in config and f"objective: {objective}" in config
+    # every model answered the validation molecules, and nothing answered the test split
+    answered = {row.split(",")[0] for path in runs.glob("val-*/version_*/predictions.csv")
+                for row in path.read_text().splitlines()[1:]}
+    split = read_split(runs / "cpt" / "splits.csv")
+    assert answered and {split[s] for s in answered} == {"val"}
+    assert not list(runs.glob("test-*"))
+    assert "validation molecules" in text
+    assert "kernel score of the K answers (leave-one-out credit), curriculum 100 → 50 → 25 °C − graded reward" in text
+    assert "| graded reward tol/(tol + e), curriculum 100 → 50 → 25 °C | 2 |" in text  # its iterations

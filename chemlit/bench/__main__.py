@@ -4,6 +4,7 @@
                                        [--source runs/source] [--out docs]
     python -m chemlit.bench ablations  --runs runs/pipeline [--minutes 8] [--variants ...]
     python -m chemlit.bench throughput [--out docs] [--trl-dir .bench-trl]
+    python -m chemlit.bench ppo-ablations --runs runs/ppo-ablations [--iterations 100] [--variants ...]
 
 ``report`` trains nothing: it reads finished pipeline runs (the default one, and optionally a longer
 run, a scaffold split and an out-of-source split), answers their test molecules with their SFT and
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 from chemlit.bench.machine import machine
+from chemlit.bench.ppo_ablations import PPO_VARIANTS, ppo_ablations
 from chemlit.cli import main as cli_main
 from chemlit.data.files import write_whole
 from chemlit.eval.baselines import GRADIENT_BOOSTING, RANDOM_FOREST
@@ -173,6 +175,14 @@ def main(argv: list[str] | None = None) -> None:
     abl.add_argument("--minutes", type=int, default=8, help="training minutes of each variant")
     abl.add_argument("--variants", nargs="+", choices=list(SFT_VARIANTS), default=list(SFT_VARIANTS),
                      help="the first is the one the others are compared with")
+    ppo = sub.add_parser("ppo-ablations", help="PPO's reward, objective and curriculum from one SFT export, "
+                                               "on validation molecules (chemlit/bench/ppo_ablations.py)")
+    ppo.add_argument("--runs", default="runs/ppo-ablations", help="trains CPT and SFT here first if needed")
+    ppo.add_argument("--configs", default="configs/quickstart")
+    ppo.add_argument("--table", default="builtin")
+    ppo.add_argument("--out", default="docs")
+    ppo.add_argument("--iterations", type=int, default=100, help="PPO iterations of each variant")
+    ppo.add_argument("--variants", nargs="+", choices=list(PPO_VARIANTS), default=list(PPO_VARIANTS))
     thr = sub.add_parser("throughput", help="one PPO iteration: chemlit vs TRL 0.11.4")
     thr.add_argument("--out", default="docs")
     thr.add_argument("--trl-dir", default=".bench-trl", help="where TRL 0.11.4 is installed (--no-deps)")
@@ -181,7 +191,10 @@ def main(argv: list[str] | None = None) -> None:
     from chemlit.cli import quiet_known_noise
 
     quiet_known_noise()
-    if args.command == "ablations":
+    if args.command == "ppo-ablations":
+        print(ppo_ablations(Path(args.runs), Path(args.out), Path(args.configs), args.table, args.iterations,
+                            args.variants))
+    elif args.command == "ablations":
         print(sft_ablations(Path(args.runs), Path(args.out), Path(args.configs), args.table, args.minutes,
                             args.variants))
     elif args.command == "throughput":

@@ -16,8 +16,9 @@ RANDOM_FOREST = "random forest on RDKit descriptors"
 GRADIENT_BOOSTING = "gradient boosting on RDKit descriptors (the descriptor estimate)"
 
 
-def train_test_records(table: str, split_file: str):
-    """(train, test) records of a table ("builtin" or a path) under a run's splits.csv."""
+def train_test_records(table: str, split_file: str, held_out: str = "test"):
+    """(train, held_out) records of a table ("builtin" or a path) under a run's splits.csv: the test
+    molecules, or with held_out="val" the validation molecules that choices are made on."""
     from chemlit.data.records import read_table
     from chemlit.data.sources import ensure_melting_points
     from chemlit.data.splits import read_split
@@ -25,7 +26,7 @@ def train_test_records(table: str, split_file: str):
     records, _ = read_table(ensure_melting_points() if table == "builtin" else table)
     split = read_split(split_file)
     return ([r for r in records if split.get(r.smiles) == "train"],
-            [r for r in records if split.get(r.smiles) == "test"])
+            [r for r in records if split.get(r.smiles) == held_out])
 
 
 def mean_baseline(train_targets: Sequence[float], n: int) -> np.ndarray:

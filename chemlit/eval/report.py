@@ -127,9 +127,10 @@ def _row(name: str, predicted: np.ndarray, truth: np.ndarray) -> str:
 
 
 def evaluation_columns(predictions: dict[str, dict[str, float]], split_file: str, table: str = "builtin",
-                       trees: int = 300):
-    """The test molecules the predictions cover, their truth, and every model's and baseline's answers."""
-    train, test = train_test_records(table, split_file)
+                       trees: int = 300, held_out: str = "test"):
+    """The test molecules (or with held_out="val" the validation molecules) the predictions cover, their
+    truth, and every model's and baseline's answers."""
+    train, test = train_test_records(table, split_file, held_out)
     first = next(iter(predictions.values()))
     test = [r for r in test if r.smiles in first]
     if not test:
@@ -146,14 +147,17 @@ def evaluation_columns(predictions: dict[str, dict[str, float]], split_file: str
 def build_report(predictions: dict[str, dict[str, float]], split_file: str, table: str = "builtin",
                  trees: int = 300, pairs: list[tuple[str, str]] | None = None, evaluated=None,
                  intervals: dict[str, dict[str, tuple[float, float]]] | None = None,
-                 notes: list[str] | None = None, heading: str = "# Report") -> str:
+                 notes: list[str] | None = None, heading: str = "# Report", held_out: str = "test") -> str:
     """Markdown report. ``pairs`` lists (a, b) for paired ΔMAE = MAE(a) − MAE(b); by default the first
     model against every other model and baseline. ``evaluated``: a result of evaluation_columns
     (the forest is trained once when a caller needs the numbers twice). ``intervals``: per model, the
     (low, high) of each molecule, reported as coverage of the measured values. ``notes``: lines after the
-    header (how the models answered). ``heading``: the Markdown heading it starts with."""
-    train, test, truth, mean, columns = evaluated or evaluation_columns(predictions, split_file, table, trees)
-    lines = [f"{heading}: {len(test)} test molecules, {len(train)} training molecules", "",
+    header (how the models answered). ``heading``: the Markdown heading it starts with. ``held_out``: the
+    split the predictions answer (test, or val where a choice is being made)."""
+    train, test, truth, mean, columns = evaluated or evaluation_columns(predictions, split_file, table, trees,
+                                                                        held_out)
+    which = "validation" if held_out == "val" else held_out
+    lines = [f"{heading}: {len(test)} {which} molecules, {len(train)} training molecules", "",
              f"Split file: `{split_file}`. Intervals: 95% bootstrap over molecules (2,000 resamples).", ""]
     lines += [*notes, ""] if notes else []
     lines += ["| model | MAE °C [95% CI] | RMSE °C | R² | parse rate |", "|---|---|---|---|---|"]
