@@ -54,6 +54,7 @@ def test_no_val_or_test_molecule_is_anyones_neighbour_and_none_is_its_own(tmp_pa
     assert "Analogues" not in off.example(off.records["test"][0]).prompt
 
 
+@pytest.mark.slow
 def test_predict_on_an_unseen_molecule_retrieves_from_the_export_alone(tmp_path, tiny_table, monkeypatch, caplog):
     monkeypatch.setattr(sys, "argv", ["chemlit"])
     main(["fit", *tiny_args(tmp_path, tiny_table), "--data.analogues", "2", "--trainer.limit_train_batches", "2",

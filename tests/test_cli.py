@@ -54,6 +54,7 @@ def tiny_args(tmp_path, table):
     ]
 
 
+@pytest.mark.slow
 def test_fit_then_validate_test_predict(tmp_path, tiny_table, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["chemlit"])
     main(["fit", *tiny_args(tmp_path, tiny_table), "--trainer.limit_train_batches", "6",
@@ -105,6 +106,7 @@ def test_fit_then_validate_test_predict(tmp_path, tiny_table, monkeypatch):
     assert "state_dict" in torch.load(ckpt, weights_only=True)
 
 
+@pytest.mark.slow
 def test_print_config_is_a_full_runnable_config():
     out = subprocess.run([sys.executable, "-m", "chemlit", "fit", "--config", str(CONFIG), "--print_config"],
                          capture_output=True, text=True, check=True, cwd=ROOT).stdout
@@ -116,6 +118,7 @@ def test_print_config_is_a_full_runnable_config():
     ("smiles,mpC\nCCO,-114\nnot_a_smiles,5\n", "row 3: invalid SMILES 'not_a_smiles'"),
     ("smiles,mpC\nCCO,warm\n", "row 2: value 'warm' in column 'mpC' is not a number"),
 ])
+@pytest.mark.slow
 def test_bad_table_exits_nonzero_with_one_line_and_no_traceback(tmp_path, table_text, message):
     table = tmp_path / "bad.csv"
     table.write_text(table_text)
@@ -135,6 +138,7 @@ def test_every_config_parses(config, capsys):
     assert "class_path: chemlit." in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_is_one_line_too(tmp_path, tiny_table):
     result = subprocess.run(
         [sys.executable, "-m", "chemlit", "validate", *tiny_args(tmp_path, tiny_table),
@@ -143,6 +147,7 @@ def test_missing_checkpoint_is_one_line_too(tmp_path, tiny_table):
     assert "chemlit: error: Checkpoint file not found" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_command_line_arguments_win_over_the_checkpoints_hyperparameters(tmp_path, tiny_table, monkeypatch):
     """With --ckpt_path, the model's arguments come from the checkpoint unless typed on the command line:
     what the user typed wins (test, predict, and a resumed fit's export_dir)."""

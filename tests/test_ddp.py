@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # two-process runs
+
 RUNS = Path(__file__).parent / "ddp_runs.py"
 
 

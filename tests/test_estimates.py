@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from chemlit.cli import main
+from chemlit.data import estimates
 from chemlit.data.datamodule import RationaleDataModule
 from chemlit.data.descriptors import descriptor_matrix
 from chemlit.data.records import canonical_smiles, randomized_smiles
@@ -25,7 +26,9 @@ def _training_set(tiny_table, tmp_path):
     return dm, [r.smiles for r in dm.records["train"]], [r.target for r in dm.records["train"]]
 
 
-def test_a_training_molecules_estimate_does_not_depend_on_its_own_value(tmp_path, tiny_table):
+def test_a_training_molecules_estimate_does_not_depend_on_its_own_value(tmp_path, tiny_table, monkeypatch):
+    # 20 fits: 30 boosting rounds each instead of 300 (what is checked does not depend on the rounds)
+    monkeypatch.setitem(estimates.GRADIENT_BOOSTING, "max_iter", 30)
     _, smiles, values = _training_set(tiny_table, tmp_path)
     descriptors = descriptor_matrix(smiles, n_jobs=1)
     base = DescriptorEstimator(smiles, values, descriptors)
@@ -74,6 +77,7 @@ def test_estimator_round_trips_through_its_file(tmp_path, tiny_table):
     assert loaded.estimate(queries) == estimator.estimate(queries)
 
 
+@pytest.mark.slow
 def test_predict_on_new_molecules_estimates_from_the_export_alone(tmp_path, tiny_table, monkeypatch, caplog):
     monkeypatch.setattr(sys, "argv", ["chemlit"])
     main(["fit", *tiny_args(tmp_path, tiny_table), "--data.descriptor_estimate", "true",

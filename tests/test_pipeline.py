@@ -30,6 +30,7 @@ EXTRA = {
 }
 
 
+@pytest.mark.slow
 def test_pipeline_runs_every_stage_then_resumes_without_redoing_them(tmp_path, tiny_table, capsys):
     runs = tmp_path / "runs"
     result = run_pipeline(ROOT / "configs" / "quickstart", runs, table=str(tiny_table), extra=EXTRA)
@@ -63,6 +64,7 @@ def test_every_stage_gets_its_share_of_what_is_left_and_the_test_keeps_its_own()
     assert pipeline.as_max_time(3725.9) == "00:01:02:05"
 
 
+@pytest.mark.slow
 def test_a_stage_stops_at_its_share_of_the_budget_and_exports(tmp_path, tiny_table, monkeypatch):
     """CPT has no step limit here (100,000 epochs): only the pipeline's budget stops it, and it still exports."""
     monkeypatch.setattr(pipeline, "STAGE_OVERHEAD_S", 0.0)
@@ -80,6 +82,7 @@ def test_a_stage_stops_at_its_share_of_the_budget_and_exports(tmp_path, tiny_tab
     assert "max_time: 00:00:00:02" in config
 
 
+@pytest.mark.slow
 def test_an_out_of_source_pipeline_tests_on_the_held_out_source_only(tmp_path, tiny_table, capsys):
     """--split source: the first stage makes the split, and its test set is the held-out source's molecules."""
     runs = tmp_path / "runs"
@@ -94,6 +97,7 @@ def test_an_out_of_source_pipeline_tests_on_the_held_out_source_only(tmp_path, t
     assert "--data.split source --data.holdout_source wikidata" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_gpu_configs_run_through_the_pipeline_on_a_cpu(tmp_path, tiny_table):
     """configs/gpu as the pipeline runs them -- a pretrained model loaded in 4-bit (bitsandbytes' CPU
     backend), LoRA in every stage, the PPO reference as the adapter-disabled network -- with only the

@@ -45,6 +45,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.mark.parametrize("command, signum", [("predict", signal.SIGTERM), ("test", signal.SIGINT),
                                              ("validate", signal.SIGTERM)])
+@pytest.mark.slow
 def test_a_signal_stops_validate_test_and_predict_after_the_batch_writing_nothing(tmp_path, trained, command,
                                                                                    signum):
     ckpt, split = trained
