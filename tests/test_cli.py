@@ -54,7 +54,6 @@ def tiny_args(tmp_path, table):
     ]
 
 
-@pytest.mark.slow
 def test_fit_then_validate_test_predict(tmp_path, tiny_table, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["chemlit"])
     main(["fit", *tiny_args(tmp_path, tiny_table), "--trainer.limit_train_batches", "6",
@@ -147,7 +146,6 @@ def test_missing_checkpoint_is_one_line_too(tmp_path, tiny_table):
     assert "chemlit: error: Checkpoint file not found" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.slow
 def test_command_line_arguments_win_over_the_checkpoints_hyperparameters(tmp_path, tiny_table, monkeypatch):
     """With --ckpt_path, the model's arguments come from the checkpoint unless typed on the command line:
     what the user typed wins (test, predict, and a resumed fit's export_dir)."""

@@ -77,7 +77,6 @@ def test_estimator_round_trips_through_its_file(tmp_path, tiny_table):
     assert loaded.estimate(queries) == estimator.estimate(queries)
 
 
-@pytest.mark.slow
 def test_predict_on_new_molecules_estimates_from_the_export_alone(tmp_path, tiny_table, monkeypatch, caplog):
     monkeypatch.setattr(sys, "argv", ["chemlit"])
     main(["fit", *tiny_args(tmp_path, tiny_table), "--data.descriptor_estimate", "true",

@@ -71,7 +71,6 @@ def trainer(tmp_path, **overrides) -> L.Trainer:
     return L.Trainer(**kwargs)
 
 
-@pytest.mark.slow
 def test_toy_task_ppo_raises_the_reward(tiny_table, tmp_path):
     L.seed_everything(0)
     module = tiny_ppo(DigitPPO, ppo=dict(samples_per_prompt=8, ppo_epochs=2, num_minibatches=2))
@@ -134,7 +133,6 @@ def test_non_finite_loss_skips_the_minibatch_and_keeps_the_weights(tiny_table, t
         assert torch.equal(value, before[name]), name
 
 
-@pytest.mark.slow
 def test_resumed_run_matches_an_uninterrupted_one(tiny_table, tmp_path):
     """4 iterations straight vs 2 + resume + 2 (mid-epoch: the epoch has 40 batches)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -166,7 +164,6 @@ def tiny_sft_export(directory: Path, table: Path) -> Path:
     return export_model(model, tokenizer, directory / "sft-export", {"stage": "sft"})
 
 
-@pytest.mark.slow
 def test_quickstart_ppo_config_runs_through_the_cli(tiny_table, tmp_path):
     from test_cli import read_scalars, read_tags
 
@@ -295,7 +292,6 @@ def test_a_nan_gradient_with_a_finite_loss_is_skipped_and_counted(tiny_table, tm
         assert torch.equal(value, before[name]), name
 
 
-@pytest.mark.slow
 def test_rationale_anchor_holds_the_model_to_its_written_rationales(tiny_table, tmp_path):
     """ppo.rationale_anchor adds the written rationale's negative log-likelihood to every minibatch's loss:
     the labels are exactly the written rationale (not the prompt, not the answer line), and the same PPO
