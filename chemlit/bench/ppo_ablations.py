@@ -114,6 +114,7 @@ def ppo_ablations(runs: Path, out: Path, configs: Path, table: str, iterations: 
                   extra: dict[str, list[str]] | None = None) -> str:
     """Each PPO variant for ``iterations`` from the run's SFT export, its validation answers, one report.
     ``extra``: more arguments for the "cpt", "sft", "ppo" fits and the "val" answers (tests shrink them)."""
+    from chemlit.bench.report import RESULTS
     from chemlit.data.splits import read_split
     from chemlit.eval.report import build_report, evaluation_columns, read_predictions
 
@@ -162,6 +163,6 @@ def ppo_ablations(runs: Path, out: Path, configs: Path, table: str, iterations: 
         rows.append(f"| {label} | {story['iterations']} | {minutes} | {story['molecules']} | {story['curriculum']} | "
                     f"{story['kl']} | {story['sample_mae']} | {success} |")
     text = text.rstrip("\n") + "\n" + "\n".join(rows) + "\n"
-    (out / "results").mkdir(parents=True, exist_ok=True)
-    write_whole(out / "results" / "ppo_ablations.md", text)
+    (out / RESULTS).mkdir(parents=True, exist_ok=True)
+    write_whole(out / RESULTS / "ppo_ablations.md", text)
     return text
