@@ -116,23 +116,25 @@ def stage_args(stage: Stage, configs: Path, runs: Path, split_file: Path, previo
     return args + extra
 
 
-def predict_args(configs: Path, runs: Path, split_file: Path, export: Path, name: str, table: str) -> list[str]:
-    """Greedy answers for the test molecules, through the SFT stage's predict (same decoding for all)."""
+def predict_args(configs: Path, runs: Path, split_file: Path, export: Path, name: str, table: str,
+                 split: str = "test") -> list[str]:
+    """Answers for the ``split`` molecules (the test set; val where a choice is made), through the SFT stage's
+    predict (same decoding for all), into runs/<split>-<name>."""
     return ["predict", "--config", str(configs / "sft.yaml"), "--data.table", table,
             "--model.init_args.model.source", "pretrained", "--model.init_args.model.path", str(export),
-            "--data.split_file", str(split_file), "--data.predict_split", "test",
-            "--trainer.logger.init_args.save_dir", str(runs), "--trainer.logger.init_args.name", f"test-{name}"]
+            "--data.split_file", str(split_file), "--data.predict_split", split,
+            "--trainer.logger.init_args.save_dir", str(runs), "--trainer.logger.init_args.name", f"{split}-{name}"]
 
 
 def test_predictions(name: str, export: Path, configs: Path, runs: Path, split_file: Path, table: str,
-                     extra: list[str]) -> tuple[Path, bool]:
-    """runs/test-<name>/version_N/predictions.csv for ``export``, made unless one newer than the export
+                     extra: list[str], split: str = "test") -> tuple[Path, bool]:
+    """runs/<split>-<name>/version_N/predictions.csv for ``export``, made unless one newer than the export
     exists. Returns the file and whether it was made now."""
-    out = newest(runs / f"test-{name}", "version_*/predictions.csv")
+    out = newest(runs / f"{split}-{name}", "version_*/predictions.csv")
     if out is not None and out.stat().st_mtime >= export.stat().st_mtime:
         return out, False
-    cli_main(predict_args(configs, runs, split_file, export, name, table) + extra)
-    return newest(runs / f"test-{name}", "version_*/predictions.csv"), True
+    cli_main(predict_args(configs, runs, split_file, export, name, table, split) + extra)
+    return newest(runs / f"{split}-{name}", "version_*/predictions.csv"), True
 
 
 def run_pipeline(configs: Path, runs: Path, table: str = "builtin", fresh: bool = False,

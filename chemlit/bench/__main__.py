@@ -29,7 +29,6 @@ from pathlib import Path
 from chemlit.bench.machine import machine
 from chemlit.bench.ppo_ablations import PPO_VARIANTS, ppo_ablations
 from chemlit.cli import main as cli_main
-from chemlit.data.files import write_whole
 from chemlit.eval.baselines import GRADIENT_BOOSTING, RANDOM_FOREST
 from chemlit.pipeline import STAGES, stage_args, test_predictions
 
@@ -68,14 +67,9 @@ SFT_VARIANTS = {name: (label, overrides if "--data.descriptor_estimate" in overr
 
 def learning_curve(run_dir: Path, examples_per_step: int, train_molecules: int) -> dict:
     """Steps, molecules per second, epochs, validation MAE by minute and forgetting of one SFT run's logs."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from chemlit.bench.report import tensorboard_scalars
 
-    scalars: dict[str, list] = {}
-    for path in sorted(run_dir.glob("version_*/events.out.tfevents*")):
-        events = EventAccumulator(str(path))
-        events.Reload()
-        for tag in events.Tags()["scalars"]:
-            scalars.setdefault(tag, []).extend(events.Scalars(tag))
+    scalars = tensorboard_scalars(run_dir)
     loss = scalars.get("train/loss", [])
     if len(loss) < 2:
         return {}
@@ -132,7 +126,7 @@ def sft_ablations(runs: Path, out: Path, configs: Path, table: str, minutes: int
     evaluated = evaluation_columns(predictions, str(split_file), table)
     command = (f"`python -m chemlit.bench ablations --runs {runs} --minutes {minutes} --variants "
                f"{' '.join(variants)}` after `python -m chemlit pipeline --runs {runs}`")
-    from chemlit.bench.report import RESULTS, product_decoding
+    from chemlit.bench.report import RESULTS, append_and_write, product_decoding
 
     how = (f"Every variant: the SFT stage (`sft.yaml` + `after_cpt.yaml`) from the same CPT export for {minutes} min "
            f"of training, then the test molecules answered with the default decoding ({product_decoding(configs)[0]} "
@@ -150,10 +144,7 @@ def sft_ablations(runs: Path, out: Path, configs: Path, table: str, minutes: int
         forgetting = ", ".join(f"{v:.1f}" for v in c["forgetting"]) or "–"
         rows.append(f"| {label} | {c['steps']} | {c['molecules_per_s']:.1f} | {c['epochs']:.1f} | {val} | "
                     f"{forgetting} |")
-    text = text.rstrip("\n") + "\n" + "\n".join(rows) + "\n"
-    (out / RESULTS).mkdir(parents=True, exist_ok=True)
-    write_whole(out / RESULTS / "ablations.md", text)
-    return text
+    return append_and_write(text, rows, out / RESULTS / "ablations.md")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,9 +25,8 @@ from pathlib import Path
 
 from chemlit.bench.machine import machine
 from chemlit.cli import main as cli_main
-from chemlit.data.files import write_whole
 from chemlit.eval.baselines import GRADIENT_BOOSTING
-from chemlit.pipeline import STAGES, newest, stage_args
+from chemlit.pipeline import STAGES, stage_args, test_predictions
 
 REWARD = "--model.init_args.reward."
 LEVELS = "--model.init_args.curriculum.tolerances_c"
@@ -53,31 +52,17 @@ COMPARISONS = [("ppo-graded", "ppo-seed"), ("ppo-kernel-score", "ppo-graded"),
 def val_predictions(name: str, export: Path, configs: Path, runs: Path, split_file: Path, table: str,
                     extra: list[str]) -> Path:
     """runs/val-<name>/version_N/predictions.csv: the validation molecules answered by ``export`` with the
-    product's decoding (made unless one newer than the export exists). No interval calibration: only the
-    numbers are compared here."""
-    out = newest(runs / f"val-{name}", "version_*/predictions.csv")
-    if out is None or out.stat().st_mtime < export.stat().st_mtime:
-        cli_main(["predict", "--config", str(configs / "sft.yaml"), "--data.table", table,
-                  "--model.init_args.model.source", "pretrained", "--model.init_args.model.path", str(export),
-                  "--data.split_file", str(split_file), "--data.predict_split", "val",
-                  "--model.init_args.calibration_molecules", "0",
-                  "--trainer.logger.init_args.save_dir", str(runs),
-                  "--trainer.logger.init_args.name", f"val-{name}", *extra])
-        out = newest(runs / f"val-{name}", "version_*/predictions.csv")
-    return out
+    product's decoding. No interval calibration: only the numbers are compared here."""
+    return test_predictions(name, export, configs, runs, split_file, table,
+                            ["--model.init_args.calibration_molecules", "0", *extra], split="val")[0]
 
 
 def run_story(run_dir: Path) -> dict:
     """What one PPO run did, from its TensorBoard logs and export: iterations, molecules rolled out, the
     curriculum's moves, the KL per answer and the success rate at each level (first and last quarter)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from chemlit.bench.report import tensorboard_scalars
 
-    scalars: dict[str, list[float]] = {}
-    for path in sorted(run_dir.glob("version_*/events.out.tfevents*")):
-        events = EventAccumulator(str(path))
-        events.Reload()
-        for tag in events.Tags()["scalars"]:
-            scalars.setdefault(tag, []).extend(e.value for e in events.Scalars(tag))
+    scalars = {tag: [e.value for e in events] for tag, events in tensorboard_scalars(run_dir).items()}
     info = json.loads((run_dir / "export" / "chemlit_export.json").read_text())
 
     def quarters(tag: str) -> str:
@@ -114,7 +99,7 @@ def ppo_ablations(runs: Path, out: Path, configs: Path, table: str, iterations: 
                   extra: dict[str, list[str]] | None = None) -> str:
     """Each PPO variant for ``iterations`` from the run's SFT export, its validation answers, one report.
     ``extra``: more arguments for the "cpt", "sft", "ppo" fits and the "val" answers (tests shrink them)."""
-    from chemlit.bench.report import RESULTS
+    from chemlit.bench.report import RESULTS, append_and_write
     from chemlit.data.splits import read_split
     from chemlit.eval.report import build_report, evaluation_columns, read_predictions
 
@@ -162,7 +147,4 @@ def ppo_ablations(runs: Path, out: Path, configs: Path, table: str, iterations: 
         minutes = f"{story['minutes']:.1f}" if "minutes" in story else "–"
         rows.append(f"| {label} | {story['iterations']} | {minutes} | {story['molecules']} | {story['curriculum']} | "
                     f"{story['kl']} | {story['sample_mae']} | {success} |")
-    text = text.rstrip("\n") + "\n" + "\n".join(rows) + "\n"
-    (out / RESULTS).mkdir(parents=True, exist_ok=True)
-    write_whole(out / RESULTS / "ppo_ablations.md", text)
-    return text
+    return append_and_write(text, rows, out / RESULTS / "ppo_ablations.md")

@@ -195,8 +195,9 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def ppo_story(run_dir: Path) -> str:
-    """The PPO run's TensorBoard scalars in numbers: per curriculum level, and the KL and validation."""
+def tensorboard_scalars(run_dir: Path) -> dict[str, list]:
+    """Every scalar event of a run's TensorBoard logs (all its version_* folders, in order), by tag; none
+    sampled away."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     scalars: dict[str, list] = {}
@@ -205,6 +206,22 @@ def ppo_story(run_dir: Path) -> str:
         events.Reload()
         for tag in events.Tags()["scalars"]:
             scalars.setdefault(tag, []).extend(events.Scalars(tag))
+    return scalars
+
+
+def append_and_write(text: str, rows: list[str], path: Path) -> str:
+    """``text`` with ``rows`` appended as lines, written whole to ``path`` (its folder made); returns it."""
+    from chemlit.data.files import write_whole
+
+    text = text.rstrip("\n") + "\n" + "\n".join(rows) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_whole(path, text)
+    return text
+
+
+def ppo_story(run_dir: Path) -> str:
+    """The PPO run's TensorBoard scalars in numbers: per curriculum level, and the KL and validation."""
+    scalars = tensorboard_scalars(run_dir)
     if "ppo/score_mean" not in scalars:
         return ""
 
