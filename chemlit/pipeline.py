@@ -140,10 +140,11 @@ def test_predictions(name: str, export: Path, configs: Path, runs: Path, split_f
 def run_pipeline(configs: Path, runs: Path, table: str = "builtin", fresh: bool = False,
                  stages: list[str] | None = None, extra: dict[str, list[str]] | None = None,
                  minutes: float | None = 30.0, base_model: str | None = None, split: str | None = None,
-                 holdout_source: str = "wikidata") -> dict:
+                 holdout_source: str = "wikidata", seed: int | None = None) -> dict:
     """Run the stages in order within ``minutes`` (None: each config's own limits); ``base_model`` replaces the
     first stage's pretrained model; ``split`` (random / scaffold / source, None: the configs') is how the first
-    stage splits the table, ``holdout_source`` the test source of split=source. Returns where everything is,
+    stage splits the table, ``holdout_source`` the test source of split=source; ``seed`` (None: the configs')
+    seeds every stage's training (initialisation, order, sampling), not the split. Returns where everything is,
     each part's wall time and CPU use, and the report's text."""
     from chemlit.eval.report import build_report, read_intervals, read_predictions
     from chemlit.hardware import cpu_cores
@@ -177,6 +178,8 @@ def run_pipeline(configs: Path, runs: Path, table: str = "builtin", fresh: bool 
                 print(f"chemlit pipeline {header} may train {seconds / 60:.1f} min of the "
                       f"{(deadline - time.perf_counter()) / 60:.1f} left", flush=True)
             first = ["--model.init_args.model.path", base_model] if base_model and previous_export is None else []
+            if seed is not None:
+                first += ["--seed_everything", str(seed)]
             if split and stage.name == "cpt":  # the stage that makes the split
                 first += ["--data.split", split] + (["--data.holdout_source", holdout_source] if split == "source"
                                                     else [])
@@ -263,6 +266,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--holdout-source", default="wikidata",
                         help="--split source: the source whose molecules are the test set (default wikidata: "
                              "the built-in table's molecules that Open Notebook lacks)")
+    parser.add_argument("--seed", type=int,
+                        help="seed of every stage's training (default: the configs', 0); the split stays the same, "
+                             "so two seeds answer the same test molecules")
     parser.add_argument("--stage-args", nargs=2, action="append", default=[], metavar=("STAGE", "ARGS"),
                         help="more command-line arguments for one stage's run (cpt, sft, ppo, or test for the "
                              "answering), e.g. --stage-args sft '--trainer.max_epochs 6'; repeatable")
@@ -275,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     result = run_pipeline(Path(args.configs), Path(args.runs), args.table, args.fresh, args.stages, extra=extra,
                           minutes=args.minutes or None, base_model=args.base_model, split=args.split,
-                          holdout_source=args.holdout_source)
+                          holdout_source=args.holdout_source, seed=args.seed)
     runs = result["runs"]
     write_run_record(runs, argv if argv is not None else sys.argv[1:], time.perf_counter() - started, result)
     print("\n" + "=" * 78)

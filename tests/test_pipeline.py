@@ -152,3 +152,30 @@ def test_stage_args_reach_their_stage_and_unknown_stages_are_refused(monkeypatch
     with pytest.raises(SystemExit) as stopped:
         pipeline.main(["--stage-args", "rl", "--trainer.max_epochs 6"])
     assert stopped.value.code == 2 and "unknown stage 'rl'" in capsys.readouterr().err
+
+
+def test_seed_reaches_every_stage_but_not_the_split(tmp_path, monkeypatch):
+    """--seed N seeds each stage's training (seed_everything) and leaves the split (data.seed) alone, so runs
+    with two seeds answer the same test molecules."""
+    fits = []
+
+    class Answering(Exception):
+        pass
+
+    def fake_cli(args):
+        if args[0] != "fit":
+            raise Answering
+        fits.append(args)
+        Path(args[args.index("--model.init_args.export_dir") + 1]).mkdir(parents=True)
+
+    monkeypatch.setattr(pipeline, "cli_main", fake_cli)
+    with pytest.raises(Answering):
+        run_pipeline(ROOT / "configs" / "quickstart", tmp_path / "runs", minutes=None, seed=7)
+    assert [a[a.index("--model.init_args.export_dir") + 1].split("/")[-2] for a in fits] == ["cpt", "sft", "ppo"]
+    for args in fits:
+        assert args[args.index("--seed_everything") + 1] == "7"
+        assert "--data.seed" not in args
+    fits.clear()
+    with pytest.raises(Answering):
+        run_pipeline(ROOT / "configs" / "quickstart", tmp_path / "other", minutes=None)
+    assert all("--seed_everything" not in args for args in fits)
