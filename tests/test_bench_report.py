@@ -73,6 +73,7 @@ def test_sft_ablations_train_each_variant_from_the_same_cpt_export_and_compare_t
 @pytest.mark.slow
 def test_one_report_carries_every_test_set_its_baselines_the_ppo_story_and_the_ablations(tmp_path, tiny_table):
     from chemlit.bench.report import SUMMARY_HEADING, full_report, test_sets_from_args
+    from chemlit.data.splits import read_split
     from chemlit.pipeline import RUN_RECORD, run_pipeline, write_run_record
     from tests.test_pipeline import EXTRA, ROOT
 
@@ -85,7 +86,8 @@ def test_one_report_carries_every_test_set_its_baselines_the_ppo_story_and_the_a
     (out / "results" / "ablations.md").write_text("# Report: 9 test molecules\n\nrows\n\n## Learning per minute\n\nmore\n")
     # the same run stands in for the scaffold set too: its answers by the product's decoding are reused
     test_sets = test_sets_from_args(runs, None, runs, None)
-    text = full_report(test_sets, out, configs, str(tiny_table), extra=tuple(EXTRA["test"]))
+    text = full_report(test_sets, out, configs, str(tiny_table), extra=tuple(EXTRA["test"]),
+                       without_estimate_minutes=0.05, train_extra=tuple(EXTRA["sft"]))
     assert (out / "results.md").read_text() == text
     summary = text.split(SUMMARY_HEADING, 1)[1].split("\n## ", 1)[0]
     rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| test set")]
@@ -99,11 +101,25 @@ def test_one_report_carries_every_test_set_its_baselines_the_ppo_story_and_the_a
     assert "| PPO, greedy − SFT, greedy |" in random_split and "| SFT, median of 32 − SFT, greedy |" in random_split
     assert "| PPO, median of 32 − SFT, median of 32 |" in scaffold and ", greedy" not in scaffold
     assert "What the language model adds to the estimate" in random_split and "Rationale fidelity: " in random_split
-    assert all(len(r.split(" | ")) == 10 for r in rows)                 # ... | PPO − forest | facts right: SFT / PPO |
+    assert all(len(r.split(" | ")) == 14 for r in rows)                 # ... | coverage SFT / PPO | facts right |
     # the summary's baseline cells are the section's own numbers (same split, same molecules)
-    for baseline, column in (("random forest on RDKit descriptors", 5), ("mean of training targets", 7)):
+    for baseline, column in (("random forest on RDKit descriptors", 8), ("mean of training targets", 11),
+                             ("stacking: median regression on the estimate and PPO's answer, fitted on validation", 7),
+                             ("SFT without the estimate in its prompt", 10)):
         cell = next(line for line in random_split.splitlines() if line.startswith(f"| {baseline} |")).split(" | ")[1]
         assert rows[0].split(" | ")[column] == cell
+    # blend and stacking are fitted on PPO's answers to the validation molecules, never on the test ones
+    split = read_split(runs / "cpt" / "splits.csv")
+    fitted_on = {row.split(",")[0] for path in runs.glob("val-*/version_*/predictions.csv")
+                 for row in path.read_text().splitlines()[1:]}
+    assert fitted_on and {split[s] for s in fitted_on} == {"val"} and "validation molecules: the blend weight" in text
+    config = next((runs / "sft-no-estimate").glob("version_*/config.yaml")).read_text()
+    assert "descriptor_estimate: false" in config and f"path: {runs / 'cpt' / 'export'}" in config
+    goals = text.split("## Goals", 1)[1].split("\n## ", 1)[0]
+    assert "| PPO − SFT ≤ −1.5 °C, CI excluding 0 | Random split" in goals
+    assert "| PPO − SFT: CI not above 0 | Murcko-scaffold split |" in goals
+    assert "| PPO − estimate ≤ 0 (aim: CI below 0) | Random split" in goals
+    assert goals.count("| PPO's interval coverage within 2 points of 80% |") == 2
     assert "## The PPO run, from its TensorBoard logs" in text and "| KL per answer to the reference (nats) |" in text
     assert "## SFT ablations (`ablations.md`, copied)" in text and "### Learning per minute" in text
     assert len((out / "results" / "report.csv").read_text().splitlines()) == 3

@@ -86,3 +86,31 @@ def test_rationale_fidelity_counts_the_structural_facts_stated_word_for_word():
     # each molecule weighs the same; a molecule without a reference is left out
     both = rationale_fidelity({aspirin: wrong, ethanol: "", "C": "x"}, reference)
     assert both == pytest.approx((1 - 1 / len(facts) + 0.0) / 2)
+
+
+def test_stacking_and_the_blend_weight_are_fitted_on_one_set_and_scored_on_another():
+    """Median regression on (estimate, model): fitted on validation-like molecules, it removes the model's bias
+    and weighs two independent errors equally on new molecules; a few wild values do not move it."""
+    from chemlit.eval.report import apply_stacking, blend_mae, fit_blend_weight, fit_stacking
+
+    rng = np.random.default_rng(1)
+
+    def molecules(n):
+        truth = rng.normal(100, 60, n)
+        return truth, truth + rng.normal(0, 20, n), truth + 10 + rng.normal(0, 20, n)   # estimate, biased model
+
+    truth, estimate, model = molecules(3000)
+    clean = fit_stacking(model, estimate, truth)
+    assert abs(clean[1] - clean[2]) < 0.08 and 0.85 < clean[1] + clean[2] < 1.02   # equal noise: equal weights
+    truth[:60] += 1000                                  # 2 % wild values: least squares would move by ~20 °C
+    c = fit_stacking(model, estimate, truth)
+    assert abs(c[0] - clean[0]) < 2 and np.abs(c[1:] - clean[1:]).max() < 0.03
+    new_truth, new_estimate, new_model = molecules(3000)
+    new_model[:5] = np.nan                              # no number: the estimate stands in
+    stacked = apply_stacking(c, new_model, new_estimate)
+    assert not np.isnan(stacked).any()
+    assert np.mean(np.abs(stacked - new_truth)) < 0.8 * np.mean(np.abs(new_estimate - new_truth))
+    w = fit_blend_weight(model[60:], estimate[60:], truth[60:])
+    assert 0.3 <= w <= 0.6 and blend_mae(new_model, new_estimate, new_truth, w) < blend_mae(
+        new_model, new_estimate, new_truth, 0.0)
+    assert fit_blend_weight(estimate, estimate, truth) == 0.0    # a tie goes to the estimate alone

@@ -1,15 +1,16 @@
 """``python -m chemlit.bench``: the benchmark report (not a test; it takes a while).
 
-    python -m chemlit.bench report     --runs runs/pipeline [--long runs/long] [--scaffold runs/scaffold]
-                                       [--source runs/source] [--out docs]
+    python -m chemlit.bench report     --runs runs/pipeline [--seed-run runs/seed1] [--long runs/long]
+                                       [--scaffold runs/scaffold] [--source runs/source] [--out docs]
+                                       [--without-estimate MINUTES]
     python -m chemlit.bench ablations  --runs runs/pipeline [--minutes 8] [--variants ...]
     python -m chemlit.bench throughput [--out docs] [--trl-dir .bench-trl]
     python -m chemlit.bench ppo-ablations --runs runs/ppo-ablations [--iterations 100] [--variants ...]
 
-``report`` trains nothing: it reads finished pipeline runs (the default one, and optionally a longer
+``report`` trains nothing (unless ``--without-estimate``): it reads finished pipeline runs (the default one, and optionally a longer
 run, a scaffold split and an out-of-source split), answers their test molecules with their SFT and
 PPO exports, and writes one ``results.md`` with every test set beside its baselines, the decoding
-ablation, what the model adds to the descriptor estimate, the PPO run's curves in numbers, and the
+ablation, what the model adds to the descriptor estimate (blend and stacking fitted on validation), the PPO run's curves in numbers, and the
 ablations and throughput results found in ``--out``/results/ (see chemlit/bench/report.py).
 ``ablations`` trains SFT variants (rationale style, none, analogues, CPT replay) for the same minutes
 each from the pipeline's CPT export and writes ``results/ablations.md``: test MAE under median decoding
@@ -150,14 +151,19 @@ def sft_ablations(runs: Path, out: Path, configs: Path, table: str, minutes: int
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m chemlit.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    rep = sub.add_parser("report", help="one results.md from finished pipeline runs (trains nothing)")
+    rep = sub.add_parser("report", help="one results.md from finished pipeline runs (trains nothing unless "
+                                        "--without-estimate)")
     rep.add_argument("--runs", default="runs/pipeline", help="the default pipeline run (random split)")
+    rep.add_argument("--seed-run", help="the default pipeline again with another seed (pipeline --seed 1)")
     rep.add_argument("--long", help="a longer pipeline run on the same split")
     rep.add_argument("--scaffold", help="a pipeline run with --split scaffold")
     rep.add_argument("--source", help="a pipeline run with --split source")
     rep.add_argument("--configs", default="configs/quickstart")
     rep.add_argument("--table", default="builtin")
     rep.add_argument("--out", default="docs")
+    rep.add_argument("--without-estimate", type=float, metavar="MINUTES",
+                     help="first train each run's SFT stage without the estimate in its prompts for MINUTES (from "
+                          "its CPT export; skipped where runs/<run>/sft-no-estimate exists), and report it")
     abl = sub.add_parser("ablations", help="SFT variants for the same minutes from the pipeline's CPT export")
     abl.add_argument("--runs", default="runs/pipeline")
     abl.add_argument("--configs", default="configs/quickstart")
@@ -200,8 +206,10 @@ def main(argv: list[str] | None = None) -> None:
         from chemlit.bench.report import full_report, test_sets_from_args
 
         test_sets = test_sets_from_args(Path(args.runs), *(Path(p) if p else None
-                                                          for p in (args.long, args.scaffold, args.source)))
-        print(full_report(test_sets, Path(args.out), Path(args.configs), args.table))
+                                                          for p in (args.long, args.scaffold, args.source,
+                                                                    args.seed_run)))
+        print(full_report(test_sets, Path(args.out), Path(args.configs), args.table,
+                          without_estimate_minutes=args.without_estimate))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """``python -m chemlit.bench report``: one ``results.md`` that carries every measurement of the product.
 
-    python -m chemlit.bench report --runs runs/pipeline [--long runs/long] [--scaffold runs/scaffold]
-                                   [--source runs/source] [--out docs]
+    python -m chemlit.bench report --runs runs/pipeline [--seed-run runs/seed1] [--long runs/long]
+                                   [--scaffold runs/scaffold] [--source runs/source] [--out docs]
+                                   [--without-estimate MINUTES]
 
-It trains nothing. It reads finished ``python -m chemlit pipeline`` run directories, answers their test
-molecules with their SFT and PPO exports (answers already made are reused), and writes one report,
+It trains nothing (unless ``--without-estimate``). It reads finished ``python -m chemlit pipeline`` run
+directories, answers their test molecules (and, for what is fitted, their validation molecules) with their SFT and PPO exports (answers already made are reused), and writes one report,
 ``--out``/results.md, with its summary table (``results/report.csv``) and parity plot (``results/parity.png``)
 beside it:
 
@@ -12,11 +13,15 @@ beside it:
 2. each test set: the models by the product's decoding (``configs/quickstart/sft.yaml``) beside the
    mean predictor, a random forest and the gradient boosting the prompt's estimate comes from, all
    trained on that run's training split; paired bootstrap differences, PPO against SFT first; the
-   intervals' coverage. The default run (``--runs``) also answers greedy and with a median of 8
+   intervals' coverage; a blend and a stacking of PPO's answer with the estimate, fitted on the run's
+   validation molecules; chemprop's D-MPNN where the ``chemprop`` extra is installed; the SFT without the
+   estimate where the run has one. The default run (``--runs``) also answers greedy and with a median of 8
    (the decoding ablation), and says what the model adds to the estimate it reads;
 3. the PPO run's story from its TensorBoard logs: reward and success per curriculum level, KL, validation;
-4. the SFT ablations (``ablations.md`` of ``python -m chemlit.bench ablations``) and the throughput
-   benchmark (``throughput.json``), when they are in ``--out``/results/.
+4. the goals of the RL stage, each met or not;
+5. the SFT ablations (``ablations.md`` of ``python -m chemlit.bench ablations``) and the throughput
+   benchmark (``throughput.json``) and the PPO ablations (``ppo_ablations.md``), when they are in
+   ``--out``/results/.
 """
 
 from __future__ import annotations
@@ -33,6 +38,12 @@ import numpy as np
 from chemlit.eval.baselines import GRADIENT_BOOSTING, MEAN, RANDOM_FOREST
 
 SFT, PPO = "SFT", "PPO"
+# Made from validation answers, scored on test: what a chemist could build from the model and the estimate it reads.
+BLEND = "blend w·PPO + (1 − w)·estimate, w fitted on validation"
+STACKING = "stacking: median regression on the estimate and PPO's answer, fitted on validation"
+NO_ESTIMATE = "SFT without the estimate in its prompt"
+NO_ESTIMATE_RUN = "sft-no-estimate"   # its run directory beside cpt/, sft/, ppo/ (``--without-estimate``)
+NOMINAL_COVERAGE = 0.80               # the intervals' calibrated level: SFTModule interval (0.1, 0.9), the product's
 SUMMARY_HEADING = "## Summary"
 THROUGHPUT_HEADING = "## PPO iteration throughput: chemlit vs TRL "
 # The layout under --out (docs/ by default): the report, and beside it a folder of what it is made from or makes.
@@ -75,26 +86,65 @@ def _slug(label: str) -> str:
 
 
 def answer(test_set: TestSet, stage: str, label: str, args: list[str], configs: Path, table: str,
-           extra: tuple[str, ...] = ()) -> Path:
-    """predictions.csv of ``stage``'s export on the run's test molecules, made unless an answer newer than
-    the export exists (runs/test-<stage>-<decoding>)."""
+           extra: tuple[str, ...] = (), split: str = "test") -> Path:
+    """predictions.csv of ``stage``'s export on the run's test molecules (or ``split``'s), made unless an answer
+    newer than the export exists (runs/<split>-<stage>-<decoding>)."""
     from chemlit.pipeline import test_predictions
 
     export = test_set.runs / stage / "export"
     if not export.is_dir():
         raise SystemExit(f"chemlit bench report: {export} is missing: finish `{test_set.command}` first")
     return test_predictions(f"{stage}-{_slug(label)}", export, configs, test_set.runs,
-                            test_set.runs / "cpt" / "splits.csv", table, [*args, *extra])[0]
+                            test_set.runs / "cpt" / "splits.csv", table, [*args, *extra], split)[0]
+
+
+def nominal_coverage(configs: Path) -> float:
+    """The product's interval level: high − low of the ``interval`` quantiles in sft.yaml (0.8 by default)."""
+    import yaml
+
+    low, high = yaml.safe_load((configs / "sft.yaml").read_text())["model"]["init_args"].get("interval", (0.1, 0.9))
+    return float(high) - float(low)
+
+
+def fitted_on_validation(test_set: TestSet, label: str, args: list[str], configs: Path, table: str,
+                         extra: tuple[str, ...], test_ppo: dict[str, float]) -> tuple[dict, dict, str]:
+    """The blend weight and the stacking, fitted on PPO's answers to the run's *validation* molecules against
+    the prompt's own estimate (the SFT export's estimator), and their answers for the test molecules of
+    ``test_ppo``. Returns ({name: {smiles: °C}}, {"weight": w, "stacking": (c, a, b)}, a sentence)."""
+    from chemlit.data.estimates import ESTIMATOR_FILE, DescriptorEstimator
+    from chemlit.eval.baselines import train_test_records
+    from chemlit.eval.report import apply_stacking, fit_blend_weight, fit_stacking, read_predictions
+
+    val_answers = read_predictions(answer(test_set, "ppo", label, args, configs, table, extra, split="val"))
+    _, val = train_test_records(table, str(test_set.runs / "cpt" / "splits.csv"), "val")
+    val = [r for r in val if r.smiles in val_answers]
+    estimator = DescriptorEstimator.load(test_set.runs / "sft" / "export" / ESTIMATOR_FILE)
+    truth = np.array([r.target for r in val])
+    model = np.array([val_answers[r.smiles] for r in val])
+    estimate = np.array(estimator.estimate([r.smiles for r in val]))
+    weight, stacking = fit_blend_weight(model, estimate, truth), fit_stacking(model, estimate, truth)
+    smiles = list(test_ppo)
+    test_model, test_estimate = np.array([test_ppo[s] for s in smiles]), np.array(estimator.estimate(smiles))
+    blend = np.where(np.isnan(test_model), test_estimate, weight * test_model + (1 - weight) * test_estimate)
+    answers = {BLEND: dict(zip(smiles, blend.tolist())),
+               STACKING: dict(zip(smiles, apply_stacking(stacking, test_model, test_estimate).tolist()))}
+    sentence = (f"Fitted on PPO's answers ({label}) to the run's {len(val):,} validation molecules: the blend weight "
+                f"w = {weight:.1f}; the stacking {stacking[0]:+.1f} + {stacking[1]:.2f}·estimate + "
+                f"{stacking[2]:.2f}·PPO (median regression, the MAE's own loss). Both are scored on the test "
+                "molecules below; an answer without a number counts as the estimate.")
+    return answers, {"weight": weight, "stacking": stacking.tolist()}, sentence
 
 
 def test_set_section(test_set: TestSet, configs: Path, table: str, decodings: dict[str, list[str]],
                      extra: tuple[str, ...] = ()) -> tuple[str, dict]:
     """One test set's section and its summary numbers."""
     from chemlit.eval.bootstrap import paired_bootstrap_delta
+    from chemlit.eval.chemprop_baseline import CHEMPROP, available, chemprop_baseline
     from chemlit.eval.report import (
         against_estimate,
         build_report,
         evaluation_columns,
+        interval_coverage,
         rationale_fidelity,
         read_intervals,
         read_predictions,
@@ -111,20 +161,39 @@ def test_set_section(test_set: TestSet, configs: Path, table: str, decodings: di
             if label == labels[0]:
                 rationales[name] = read_rationales(csv_path)
     ppo, sft = f"{PPO}, {labels[0]}", f"{SFT}, {labels[0]}"
+    fitted_answers, fitted, fitted_sentence = fitted_on_validation(test_set, labels[0], decodings[labels[0]],
+                                                                   configs, table, extra, predictions[ppo])
+    predictions.update(fitted_answers)
+    if (test_set.runs / NO_ESTIMATE_RUN / "export").is_dir():
+        predictions[NO_ESTIMATE] = read_predictions(answer(test_set, NO_ESTIMATE_RUN, labels[0], decodings[labels[0]],
+                                                           configs, table, extra))
     split_file = str(test_set.runs / "cpt" / "splits.csv")
+    if available():   # the optional extra: trained on the same split, selected on its validation molecules
+        from chemlit.eval.baselines import train_test_records
+
+        train, test_records = train_test_records(table, split_file)
+        _, val = train_test_records(table, split_file, "val")
+        test_records = [r for r in test_records if r.smiles in predictions[ppo]]
+        values = chemprop_baseline([r.smiles for r in train], [r.target for r in train], [r.smiles for r in val],
+                                   [r.target for r in val], [r.smiles for r in test_records])
+        predictions[CHEMPROP] = dict(zip([r.smiles for r in test_records], np.asarray(values).tolist()))
     evaluated = evaluation_columns(predictions, split_file, table)
     pairs = [(f"{PPO}, {d}", f"{SFT}, {d}") for d in labels]
-    pairs += [(ppo, RANDOM_FOREST), (sft, RANDOM_FOREST), (ppo, GRADIENT_BOOSTING), (sft, GRADIENT_BOOSTING),
-              (ppo, MEAN)]
+    pairs += [(ppo, GRADIENT_BOOSTING), (sft, GRADIENT_BOOSTING), (STACKING, GRADIENT_BOOSTING),
+              (BLEND, GRADIENT_BOOSTING), (ppo, RANDOM_FOREST), (sft, RANDOM_FOREST), (ppo, MEAN)]
+    pairs += [(ppo, CHEMPROP)] if CHEMPROP in predictions else []
+    pairs += [(sft, NO_ESTIMATE)] if NO_ESTIMATE in predictions else []
     pairs += [(f"{name}, {labels[0]}", f"{name}, {d}") for name in (SFT, PPO) for d in labels[1:]]
     text = build_report(predictions, split_file, table, pairs=pairs, evaluated=evaluated, intervals=intervals,
                         notes=[f"Made by `{test_set.command}`{_commit_note(test_set.runs)}; answers by "
-                               f"`python -m chemlit predict --config configs/quickstart/sft.yaml` on its exports."],
+                               f"`python -m chemlit predict --config configs/quickstart/sft.yaml` on its exports.",
+                               "", fitted_sentence],
                         heading=f"## {test_set.title}")
-    _, _, truth, mean, columns = evaluated
+    _, test_records, truth, mean, columns = evaluated
     filled = {n: np.where(np.isnan(v), mean, v) for n, v in columns.items()}
     errors = {n: np.abs(v - truth) for n, v in filled.items()}
-    added = {name: against_estimate(columns[name], columns[GRADIENT_BOOSTING], truth) for name in (sft, ppo)}
+    added = {name: against_estimate(columns[name], columns[GRADIENT_BOOSTING], truth, fitted["weight"])
+             for name in (sft, ppo)}
     text = text.rstrip("\n") + "\n\n" + _estimate_table(added) + "\n"
     style = rationale_style(test_set.runs / "sft" / "export", configs)
     reference = reference_rationales(rationales[SFT], style)   # SFT and PPO answered the same molecules
@@ -132,13 +201,20 @@ def test_set_section(test_set: TestSet, configs: Path, table: str, decodings: di
     text += ("\nRationale fidelity: the share of each molecule's structural facts (the parts of the rationale "
              f"the structure-only writer gives it, {style} style) that the model's greedy rationale states word "
              "for word: " + ", ".join(f"{name} {value:.1%}" for name, value in fidelity.items()) + ".\n")
-    summary = {"title": test_set.title, "n": len(truth), "decoding": labels[0],
+    smiles = [r.smiles for r in test_records]
+    optional = {key: summary_cell(columns[name], truth) if name in columns else "–"
+                for key, name in (("chemprop", CHEMPROP), ("no_estimate", NO_ESTIMATE))}
+    summary = {"key": test_set.key, "title": test_set.title, "n": len(truth), "decoding": labels[0],
                **{key: summary_cell(columns[name], truth) for key, name in
                   (("sft", sft), ("ppo", ppo), ("forest", RANDOM_FOREST), ("boosting", GRADIENT_BOOSTING),
-                   ("mean", MEAN))},
+                   ("mean", MEAN), ("stacking", STACKING))}, **optional,
                "ppo_minus_sft": paired_bootstrap_delta(errors[ppo], errors[sft]),
+               "ppo_minus_estimate": paired_bootstrap_delta(errors[ppo], errors[GRADIENT_BOOSTING]),
+               "stacking_minus_estimate": paired_bootstrap_delta(errors[STACKING], errors[GRADIENT_BOOSTING]),
                "ppo_minus_forest": paired_bootstrap_delta(errors[ppo], errors[RANDOM_FOREST]),
-               "fidelity": fidelity,
+               "coverage": {name: interval_coverage(intervals[column], smiles, truth)["coverage"]
+                            for name, column in ((SFT, sft), (PPO, ppo))},
+               "fidelity": fidelity, "fitted": fitted,
                "parity": {sft: columns[sft], ppo: columns[ppo], "the estimate alone (gradient boosting)":
                           columns[GRADIENT_BOOSTING]}, "truth": truth}
     return text, summary
@@ -170,28 +246,62 @@ def summary_cell(predicted: np.ndarray, truth: np.ndarray) -> str:
 
 def _estimate_table(added: dict[str, dict]) -> str:
     lines = ["What the language model adds to the estimate it reads (gradient boosting, the same model as "
-             "the prompt's `Descriptor estimate`): blends w·model + (1 − w)·estimate on the same molecules.", "",
-             "| model | mean distance from the estimate °C | correlation of the two errors | best w | MAE of the best blend "
-             "| model MAE | estimate MAE |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {name} | {a['mean_abs_deviation']:.1f} | {a['error_correlation']:.2f} | {a['best_weight']:.1f} | "
-              f"{a['best_blend_mae']:.1f} | {a['model_mae']:.1f} | {a['estimate_mae']:.1f} |"
+             "the prompt's `Descriptor estimate`): blends w·model + (1 − w)·estimate on the same molecules, w "
+             "fitted on PPO's validation answers. The test-optimal w is shown for diagnosis only (it reads the "
+             "test values).", "",
+             "| model | mean distance from the estimate °C | correlation of the two errors | w (validation) "
+             "| MAE of that blend | model MAE | estimate MAE | test-optimal w (diagnosis) |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {a['mean_abs_deviation']:.1f} | {a['error_correlation']:.2f} | {a['weight']:.1f} | "
+              f"{a['blend_mae']:.1f} | {a['model_mae']:.1f} | {a['estimate_mae']:.1f} | {a['best_weight']:.1f} |"
               for name, a in added.items()]
     return "\n".join(lines)
 
 
 def summary_table(rows: list[dict]) -> str:
-    """One row per test set: MAE °C [95 % CI] of SFT and PPO by the product's decoding and of the baselines."""
+    """One row per test set: MAE °C [95 % CI] of SFT and PPO by the product's decoding, of what can be built from
+    PPO and the estimate it reads (fitted on validation), and of the baselines."""
     lines = [SUMMARY_HEADING, "",
              "MAE °C [95 % bootstrap CI] on each test set's molecules; SFT and PPO answer by "
              f"{rows[0]['decoding']} (the product's decoding); the baselines are trained on the same training "
-             "split. Paired differences: negative = PPO better.", "",
-             "| test set | molecules | SFT | PPO | PPO − SFT | random forest | gradient boosting (the estimate alone) "
-             "| mean predictor | PPO − forest | rationale facts right: SFT / PPO |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "split (chemprop and the SFT without the estimate: – where the report was made without them). "
+             "Paired differences: negative = PPO better. Coverage: how often the measured value lies in the "
+             "answer's interval.", "",
+             "| test set | molecules | SFT | PPO | PPO − SFT | estimate alone (gradient boosting) | PPO − estimate "
+             "| stacking (fitted on validation) | random forest | chemprop D-MPNN | SFT without the estimate "
+             "| mean predictor | interval coverage SFT / PPO | rationale facts right: SFT / PPO |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fidelity = " / ".join(f"{r['fidelity'][name]:.0%}" for name in (SFT, PPO))
-        lines.append(f"| {r['title']} | {r['n']:,} | {r['sft']} | {r['ppo']} | {r['ppo_minus_sft']} | {r['forest']} "
-                     f"| {r['boosting']} | {r['mean']} | {r['ppo_minus_forest']} | {fidelity} |")
+        coverage = " / ".join(f"{r['coverage'][name]:.1%}" for name in (SFT, PPO))
+        lines.append(f"| {r['title']} | {r['n']:,} | {r['sft']} | {r['ppo']} | {r['ppo_minus_sft']} | {r['boosting']} "
+                     f"| {r['ppo_minus_estimate']} | {r['stacking']} | {r['forest']} | {r['chemprop']} "
+                     f"| {r['no_estimate']} | {r['mean']} | {coverage} | {fidelity} |")
+    return "\n".join(lines)
+
+
+def goals_table(rows: list[dict], nominal: float) -> str:
+    """Issue 25's goals, each against the measured rows: met or not, with the number that decides it."""
+    lines = ["## Goals", "", "The RL stage's goals, on the product's own decoding, each checked against the rows "
+             "above.", "", "| goal | test set | measured [95 % CI] | met |", "|---|---|---|---|"]
+
+    def add(goal: str, row: dict, measured: str, met: bool) -> None:
+        lines.append(f"| {goal} | {row['title']} | {measured} | {'yes' if met else 'no'} |")
+
+    for row in rows:
+        delta = row["ppo_minus_sft"]
+        if row["key"] in ("random", "seed"):
+            add("PPO − SFT ≤ −1.5 °C, CI excluding 0", row, str(delta), delta.estimate <= -1.5 and delta.high < 0)
+        elif row["key"] in ("scaffold", "source"):
+            add("PPO − SFT: CI not above 0", row, str(delta), delta.low <= 0)
+    for row in rows:
+        if row["key"] in ("random", "seed"):
+            against = row["ppo_minus_estimate"]
+            add("PPO − estimate ≤ 0 (aim: CI below 0)", row, str(against), against.estimate <= 0)
+    for row in rows:
+        coverage = row["coverage"][PPO]
+        add(f"PPO's interval coverage within 2 points of {nominal:.0%}", row, f"{coverage:.1%}",
+            abs(coverage - nominal) <= 0.02)
     return "\n".join(lines)
 
 
@@ -273,16 +383,39 @@ def _commit_note(runs: Path) -> str:
 
 
 
+def train_without_estimate(test_set: TestSet, configs: Path, table: str, minutes: float,
+                           extra: tuple[str, ...] = ()) -> Path:
+    """runs/sft-no-estimate: the SFT stage from the run's CPT export with no estimate in its prompts, for
+    ``minutes`` of training (skipped when its export exists): the language model on its own."""
+    from chemlit.cli import main as cli_main
+    from chemlit.pipeline import STAGES, as_max_time, stage_args
+
+    export = test_set.runs / NO_ESTIMATE_RUN / "export"
+    if not export.is_dir():
+        stage = next(s for s in STAGES if s.name == "sft")
+        cli_main(stage_args(stage, configs, test_set.runs, test_set.runs / "cpt" / "splits.csv",
+                            test_set.runs / "cpt" / "export", table,
+                            ["--data.descriptor_estimate", "false", "--trainer.max_time", as_max_time(minutes * 60),
+                             *extra], NO_ESTIMATE_RUN))
+    return export
+
+
 def full_report(test_sets: list[TestSet], out: Path, configs: Path, table: str = "builtin",
-                extra: tuple[str, ...] = ()) -> str:
+                extra: tuple[str, ...] = (), without_estimate_minutes: float | None = None,
+                train_extra: tuple[str, ...] = ()) -> str:
     """Every section in one ``out/results.md`` (and ``out/results/``: ``report.csv``, the summary numbers, and
     ``parity.png``); returns the text.
-    ``extra``: more arguments for every answering run (tests shorten the answers with it)."""
+    ``extra``: more arguments for every answering run (tests shorten the answers with it).
+    ``without_estimate_minutes``: first train each run's SFT without the estimate for that long (where it has
+    none yet; ``train_extra``: more arguments for that fit)."""
     from chemlit.bench.machine import machine
     from chemlit.data.files import write_csv, write_whole
     from chemlit.pipeline import code_commit
 
     sections, rows = [], []
+    if without_estimate_minutes:
+        for test_set in test_sets:
+            train_without_estimate(test_set, configs, table, without_estimate_minutes, tuple(train_extra))
     for i, test_set in enumerate(test_sets):
         decodings = decoding_ablation(configs) if i == 0 else dict([next(iter(decoding_ablation(configs).items()))])
         text, summary = test_set_section(test_set, configs, table, decodings, tuple(extra))
@@ -293,7 +426,7 @@ def full_report(test_sets: list[TestSet], out: Path, configs: Path, table: str =
     header = [f"# chemlit report: {len(test_sets)} test set{'s' if len(test_sets) > 1 else ''}", "",
               f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. Report made at commit {code_commit()} by:",
               "", f"    python -m chemlit.bench report {_report_args(test_sets)}", "", "after:", "", commands, ""]
-    parts = ["\n".join(header), summary_table(rows), *sections]
+    parts = ["\n".join(header), summary_table(rows), goals_table(rows, nominal_coverage(configs)), *sections]
     if story:
         parts.append(story)
     ablations = out / RESULTS / "ablations.md"
@@ -301,6 +434,11 @@ def full_report(test_sets: list[TestSet], out: Path, configs: Path, table: str =
         text = ablations.read_text(encoding="utf-8")
         parts.append("## SFT ablations (`ablations.md`, copied)\n\n" + text.replace("\n## ", "\n### ")
                      .replace("# Report:", "Test molecules:", 1))
+    ppo_ablations = out / RESULTS / "ppo_ablations.md"
+    if ppo_ablations.exists():  # the curriculum and objective ablations, decided on validation molecules
+        text = ppo_ablations.read_text(encoding="utf-8")
+        parts.append("## PPO ablations on validation molecules (`ppo_ablations.md`, copied)\n\n"
+                     + text.split("\n", 1)[1].replace("\n## ", "\n### "))
     throughput = out / RESULTS / "throughput.json"
     if throughput.exists():
         parts.append(throughput_markdown(json.loads(throughput.read_text())))
@@ -309,8 +447,11 @@ def full_report(test_sets: list[TestSet], out: Path, configs: Path, table: str =
     write_whole(out / REPORT, report)
     parity_png(out / RESULTS / "parity.png", rows[0]["parity"], rows[0]["truth"])
     write_csv([{"test set": r["title"], "molecules": r["n"], "decoding": r["decoding"],
-                **{f"{k} MAE [95% CI]": r[k] for k in ("sft", "ppo", "forest", "boosting", "mean")},
-                "PPO - SFT": str(r["ppo_minus_sft"]), "PPO - forest": str(r["ppo_minus_forest"]),
+                **{f"{k} MAE [95% CI]": r[k] for k in ("sft", "ppo", "forest", "boosting", "mean", "stacking",
+                                                       "chemprop", "no_estimate")},
+                "PPO - SFT": str(r["ppo_minus_sft"]), "PPO - estimate": str(r["ppo_minus_estimate"]),
+                "stacking - estimate": str(r["stacking_minus_estimate"]), "PPO - forest": str(r["ppo_minus_forest"]),
+                **{f"{name} interval coverage": round(v, 4) for name, v in r["coverage"].items()},
                 **{f"{name} rationale fidelity": round(v, 4) for name, v in r["fidelity"].items()}} for r in rows],
               out / RESULTS / "report.csv")
     return report
@@ -382,23 +523,26 @@ def parity_png(path: Path, models: dict, truth: np.ndarray) -> None:
 
 
 def _report_args(test_sets: list[TestSet]) -> str:
-    flags = {"random": "--runs", "long": "--long", "scaffold": "--scaffold", "source": "--source"}
+    flags = {"random": "--runs", "seed": "--seed-run", "long": "--long", "scaffold": "--scaffold", "source": "--source"}
     return " ".join(f"{flags[t.key]} {t.runs}" for t in test_sets)
 
 
 TITLES = {"random": "Random split, the default pipeline (30-minute budget)",
+          "seed": "Random split, the default pipeline again with another seed",
           "long": "Random split, a longer run",
           "scaffold": "Murcko-scaffold split",
           "source": "Out-of-source split: train on one source, test on the molecules only the other has"}
 COMMANDS = {"random": "python -m chemlit pipeline --runs {runs}",
+            "seed": "python -m chemlit pipeline --runs {runs} --seed 1",
             "long": "python -m chemlit pipeline --runs {runs} --minutes 50 --stage-args sft \"--trainer.max_epochs 8\" "
                     "--stage-args ppo \"--trainer.limit_train_batches 1000\"",
             "scaffold": "python -m chemlit pipeline --runs {runs} --split scaffold --minutes 12",
             "source": "python -m chemlit pipeline --runs {runs} --split source --minutes 12"}
 
 
-def test_sets_from_args(runs: Path, long: Path | None, scaffold: Path | None, source: Path | None) -> list[TestSet]:
+def test_sets_from_args(runs: Path, long: Path | None, scaffold: Path | None, source: Path | None,
+                        seed: Path | None = None) -> list[TestSet]:
     """The run directories given, each with the command its pipeline_run.json recorded (or the documented one)."""
-    given = {"random": runs, "long": long, "scaffold": scaffold, "source": source}
+    given = {"random": runs, "seed": seed, "long": long, "scaffold": scaffold, "source": source}
     return [TestSet(key, TITLES[key], path, run_record(path).get("command") or COMMANDS[key].format(runs=path))
             for key, path in given.items() if path]
