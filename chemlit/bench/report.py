@@ -14,8 +14,8 @@ beside it:
    mean predictor, a random forest and the gradient boosting the prompt's estimate comes from, all
    trained on that run's training split; paired bootstrap differences, PPO against SFT first; the
    intervals' coverage; a blend and a stacking of PPO's answer with the estimate, fitted on the run's
-   validation molecules; chemprop's D-MPNN where the ``chemprop`` extra is installed; the SFT without the
-   estimate where the run has one. The default run (``--runs``) also answers greedy and with a median of 8
+   validation molecules; chemprop's D-MPNN where ``python -m chemlit.bench chemprop`` has answered the run
+   (``chemlit/eval/chemprop_baseline.py``); the SFT without the estimate where the run has one. The default run (``--runs``) also answers greedy and with a median of 8
    (the decoding ablation), and says what the model adds to the estimate it reads;
 3. the PPO run's story from its TensorBoard logs: reward and success per curriculum level, KL, validation;
 4. the goals of the RL stage, each met or not;
@@ -139,7 +139,7 @@ def test_set_section(test_set: TestSet, configs: Path, table: str, decodings: di
                      extra: tuple[str, ...] = ()) -> tuple[str, dict]:
     """One test set's section and its summary numbers."""
     from chemlit.eval.bootstrap import paired_bootstrap_delta
-    from chemlit.eval.chemprop_baseline import CHEMPROP, available, chemprop_baseline
+    from chemlit.eval.chemprop_baseline import CHEMPROP, read_run_predictions
     from chemlit.eval.report import (
         against_estimate,
         build_report,
@@ -168,15 +168,9 @@ def test_set_section(test_set: TestSet, configs: Path, table: str, decodings: di
         predictions[NO_ESTIMATE] = read_predictions(answer(test_set, NO_ESTIMATE_RUN, labels[0], decodings[labels[0]],
                                                            configs, table, extra))
     split_file = str(test_set.runs / "cpt" / "splits.csv")
-    if available():   # the optional extra: trained on the same split, selected on its validation molecules
-        from chemlit.eval.baselines import train_test_records
-
-        train, test_records = train_test_records(table, split_file)
-        _, val = train_test_records(table, split_file, "val")
-        test_records = [r for r in test_records if r.smiles in predictions[ppo]]
-        values = chemprop_baseline([r.smiles for r in train], [r.target for r in train], [r.smiles for r in val],
-                                   [r.target for r in val], [r.smiles for r in test_records])
-        predictions[CHEMPROP] = dict(zip([r.smiles for r in test_records], np.asarray(values).tolist()))
+    chemprop = read_run_predictions(test_set.runs)   # python -m chemlit.bench chemprop, where it was run
+    if chemprop is not None:
+        predictions[CHEMPROP] = {smiles: chemprop[smiles] for smiles in predictions[ppo] if smiles in chemprop}
     evaluated = evaluation_columns(predictions, split_file, table)
     pairs = [(f"{PPO}, {d}", f"{SFT}, {d}") for d in labels]
     pairs += [(ppo, GRADIENT_BOOSTING), (sft, GRADIENT_BOOSTING), (STACKING, GRADIENT_BOOSTING),
