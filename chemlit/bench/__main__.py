@@ -6,6 +6,8 @@
     python -m chemlit.bench ablations  --runs runs/pipeline [--minutes 8] [--variants ...]
     python -m chemlit.bench throughput [--out docs] [--trl-dir .bench-trl]
     python -m chemlit.bench ppo-ablations --runs runs/ppo-ablations [--iterations 100] [--variants ...]
+    python -m chemlit.bench stages     [--steps 3] [--isa native|avx2|both] [--out docs] [--small]
+    python -m chemlit.bench chemprop   --runs runs/pipeline [runs/seed1 ...] [--epochs 30]   (the chemprop extra)
 
 ``report`` trains nothing (unless ``--without-estimate``): it reads finished pipeline runs (the default one, and optionally a longer
 run, a scaffold split and an out-of-source split), answers their test molecules with their SFT and
@@ -184,6 +186,23 @@ def main(argv: list[str] | None = None) -> None:
     thr.add_argument("--out", default="docs")
     thr.add_argument("--trl-dir", default=".bench-trl", help="where TRL 0.11.4 is installed (--no-deps)")
     thr.add_argument("--iterations", type=int, default=5, help="timed iterations of each, after one warm-up")
+    stg = sub.add_parser("stages", help="CPT tokens/s, SFT molecules/s, PPO samples/s beside the fp32 matmul peak on "
+                                        "each stage's shapes (chemlit/bench/stages.py)")
+    stg.add_argument("--out", default="docs")
+    stg.add_argument("--configs", default="configs/quickstart")
+    stg.add_argument("--steps", type=int, default=3, help="timed steps of each stage, after a warm-up and a counted one")
+    stg.add_argument("--warmup", type=int, default=1, help="untimed steps before the counted one")
+    stg.add_argument("--isa", choices=["native", "avx2", "both"], default="native",
+                     help="avx2, both: (also) in a child process limited to AVX2 (ONEDNN_MAX_CPU_ISA, "
+                          "ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS)")
+    stg.add_argument("--small", action="store_true", help="tiny shapes: checks the benchmark runs, measures nothing")
+    stg.add_argument("--json-out", help="write the result here only (no results/stages.json, no table)")
+    cpr = sub.add_parser("chemprop", help="chemprop's D-MPNN trained on each run's split; its validation and test "
+                                          "answers for the report (needs pip install 'chemlit[chemprop]')")
+    cpr.add_argument("--runs", nargs="+", required=True, help="finished pipeline runs (their cpt/splits.csv)")
+    cpr.add_argument("--table", default="builtin")
+    cpr.add_argument("--epochs", type=int, default=30, help="training epochs; the best on validation answers")
+    cpr.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from chemlit.cli import quiet_known_noise
 
@@ -194,6 +213,31 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "ablations":
         print(sft_ablations(Path(args.runs), Path(args.out), Path(args.configs), args.table, args.minutes,
                             args.variants))
+    elif args.command == "chemprop":
+        import shutil
+
+        from chemlit.eval.chemprop_baseline import FOLDER, split_digest, write_run_predictions
+
+        made: dict[str, Path] = {}   # runs with the same split (--seed runs) share one training
+        for run_dir in map(Path, args.runs):
+            digest = split_digest(run_dir / "cpt" / "splits.csv")
+            if digest in made:
+                shutil.copytree(made[digest] / FOLDER, run_dir / FOLDER, dirs_exist_ok=True)
+                print(f"chemlit bench chemprop: {run_dir} has {made[digest]}'s split: answers copied")
+                continue
+            print(f"chemlit bench chemprop: wrote {write_run_predictions(run_dir, args.table, args.epochs, args.seed)}")
+            made[digest] = run_dir
+    elif args.command == "stages":
+        import sys
+
+        from chemlit.bench.report import RESULTS
+        from chemlit.bench.stages import run as run_stages, stages_markdown
+
+        summary = run_stages(Path(args.out) / RESULTS, args.isa, args.steps, args.warmup, args.small, Path(args.configs),
+                             "python -m chemlit.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+                             Path(args.json_out) if args.json_out else None)
+        if not args.json_out:
+            print(stages_markdown(summary))
     elif args.command == "throughput":
         from chemlit.bench.report import REPORT, RESULTS, replace_throughput_section, throughput_markdown
         from chemlit.bench.throughput import run
