@@ -24,7 +24,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from chemlit.data.datamodule import RationaleDataModule
 from chemlit.data.records import DataError
-from chemlit.hardware import resolve_precision
+from chemlit.hardware import resolve_accelerator, resolve_precision
 from chemlit.stages.base import StageModule
 from chemlit.stages.signals import StopRequested
 
@@ -83,7 +83,8 @@ def next_version(parent: Path) -> Path:
 class ChemlitTrainer(L.Trainer):
     """Lightning's Trainer with one more precision, ``auto`` (the default): bf16-mixed where this machine runs
     bf16 fast, 16-mixed on a GPU without bf16, 32-true otherwise (chemlit.hardware says how it decides).
-    Any explicit precision is passed through unchanged.
+    Any explicit precision is passed through unchanged. ``accelerator: auto`` (the default) is a CUDA GPU where
+    torch sees one, else the CPU (``chemlit.hardware.resolve_accelerator``; Apple's MPS only when named).
 
     A run's files never land in the current directory: without a logger and without ``default_root_dir``,
     the run's directory is runs/unlogged/version_N (Lightning's default is the current directory). And
@@ -99,7 +100,8 @@ class ChemlitTrainer(L.Trainer):
             kwargs["enable_checkpointing"] = False
         elif not kwargs.get("logger") and kwargs.get("default_root_dir") is None:
             kwargs["default_root_dir"] = str(next_version(UNLOGGED_RUNS))
-        super().__init__(*args, precision=resolve_precision(precision, kwargs.get("accelerator", "auto")), **kwargs)
+        kwargs["accelerator"] = resolve_accelerator(kwargs.get("accelerator", "auto"))
+        super().__init__(*args, precision=resolve_precision(precision, kwargs["accelerator"]), **kwargs)
 
 
 class ChemlitCLI(LightningCLI):

@@ -123,6 +123,15 @@ def uses_cuda(accelerator: object) -> bool:
     return name == "gpu" or "cuda" in name or (name == "auto" and torch.cuda.is_available())
 
 
+def resolve_accelerator(accelerator: object = "auto", cuda_available: Optional[bool] = None) -> object:
+    """chemlit's ``auto``: a CUDA GPU where torch sees one, else the CPU. Lightning's own ``auto`` would also
+    take Apple's MPS (or a TPU), which chemlit's stages are not tested on: those are used only when asked for by
+    name. Anything but ``auto`` is returned unchanged."""
+    if not (isinstance(accelerator, str) and accelerator == "auto"):
+        return accelerator
+    return "gpu" if (torch.cuda.is_available() if cuda_available is None else cuda_available) else "cpu"
+
+
 def cuda_has_bf16() -> bool:
     """A CUDA GPU is here and computes bf16 natively (Ampere or newer; emulated bf16 does not count)."""
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)

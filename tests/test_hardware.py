@@ -94,3 +94,25 @@ def test_auto_honours_the_isa_limiting_variables_and_an_explicit_precision_wins(
     assert limited == {"precision": "32-true", "onednn_bf16": False, "aten": "AVX2"}  # what torch itself reports
     assert trainer_precision(["--trainer.precision", "bf16-mixed"], AVX2_ONLY)["precision"] == "bf16-mixed"
     assert trainer_precision(["--trainer.precision", "32-true"], {})["precision"] == "32-true"
+
+
+def test_auto_accelerator_is_a_cuda_gpu_or_the_cpu_never_an_untested_one(monkeypatch, tmp_path):
+    # The quickstart configs say `accelerator: auto` so that the README's command uses a GPU where there is one;
+    # Lightning's own auto would also take Apple's MPS, which chemlit's stages are not tested on.
+    import torch
+    from lightning.pytorch.accelerators import CPUAccelerator
+    from lightning.fabric.accelerators.mps import MPSAccelerator as FabricMPS
+    from lightning.pytorch.accelerators.mps import MPSAccelerator
+
+    from chemlit.cli import ChemlitTrainer
+    from chemlit.hardware import resolve_accelerator
+
+    assert resolve_accelerator("auto", cuda_available=True) == "gpu"
+    assert resolve_accelerator("auto", cuda_available=False) == "cpu"
+    assert resolve_accelerator("mps", cuda_available=True) == "mps"   # named: as asked
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for mps in (MPSAccelerator, FabricMPS):   # Lightning's auto asks the latter: as on an Apple-silicon Mac
+        monkeypatch.setattr(mps, "is_available", staticmethod(lambda: True))
+    trainer = ChemlitTrainer(accelerator="auto", devices=1, precision="32-true", logger=False,
+                             enable_checkpointing=False, default_root_dir=str(tmp_path))
+    assert isinstance(trainer.accelerator, CPUAccelerator)
