@@ -19,6 +19,7 @@ from typing import Literal, Optional, Union
 
 import lightning as L
 from lightning.fabric.connector import _PRECISION_INPUT
+from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -92,7 +93,8 @@ class ChemlitTrainer(L.Trainer):
     at the end of such a run when ``save_last`` is set, so its checkpoint callbacks are dropped), no export,
     no run files."""
 
-    def __init__(self, *args, precision: Optional[Union[Literal["auto"], _PRECISION_INPUT]] = "auto", **kwargs):
+    def __init__(self, *args, accelerator: Union[str, Accelerator] = "auto",
+                 precision: Optional[Union[Literal["auto"], _PRECISION_INPUT]] = "auto", **kwargs):
         if kwargs.get("fast_dev_run"):
             callbacks = kwargs.get("callbacks") or []
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
@@ -100,8 +102,8 @@ class ChemlitTrainer(L.Trainer):
             kwargs["enable_checkpointing"] = False
         elif not kwargs.get("logger") and kwargs.get("default_root_dir") is None:
             kwargs["default_root_dir"] = str(next_version(UNLOGGED_RUNS))
-        kwargs["accelerator"] = resolve_accelerator(kwargs.get("accelerator", "auto"))
-        super().__init__(*args, precision=resolve_precision(precision, kwargs["accelerator"]), **kwargs)
+        accelerator = resolve_accelerator(accelerator)
+        super().__init__(*args, accelerator=accelerator, precision=resolve_precision(precision, accelerator), **kwargs)
 
 
 class ChemlitCLI(LightningCLI):
