@@ -49,6 +49,19 @@ def test_a_new_throughput_run_replaces_only_the_reports_throughput_section(tmp_p
     assert bare.read_text() == "# Report\n\n" + THROUGHPUT_HEADING + "x\n"
 
 
+def test_a_new_section_replaces_its_own_and_keeps_the_sections_after_it(tmp_path):
+    from chemlit.bench.report import THROUGHPUT_HEADING, replace_section
+    from chemlit.bench.stages import STAGES_HEADING
+
+    report = tmp_path / "report.md"
+    report.write_text("# Report\n\n" + THROUGHPUT_HEADING + "0.11.4\n\nold\n\n" + STAGES_HEADING + "\n\nstages\n")
+    replace_section(report, THROUGHPUT_HEADING, THROUGHPUT_HEADING + "0.11.4\n\nnew\n")
+    assert report.read_text() == ("# Report\n\n" + THROUGHPUT_HEADING + "0.11.4\n\nnew\n\n"
+                                  + STAGES_HEADING + "\n\nstages\n")
+    replace_section(report, STAGES_HEADING, STAGES_HEADING + "\n\nmeasured\n")
+    assert report.read_text().endswith("new\n\n" + STAGES_HEADING + "\n\nmeasured\n")
+
+
 @pytest.mark.slow
 def test_sft_ablations_train_each_variant_from_the_same_cpt_export_and_compare_them(tmp_path, tiny_table):
     from chemlit.bench.__main__ import sft_ablations

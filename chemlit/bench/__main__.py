@@ -237,7 +237,13 @@ def main(argv: list[str] | None = None) -> None:
                              "python -m chemlit.bench " + " ".join(sys.argv[1:] if argv is None else argv),
                              Path(args.json_out) if args.json_out else None)
         if not args.json_out:
-            print(stages_markdown(summary))
+            from chemlit.bench.report import REPORT, replace_section
+            from chemlit.bench.stages import STAGES_HEADING
+
+            section = stages_markdown(summary)
+            print(section)
+            if not args.small:  # the report made earlier gets the new table
+                replace_section(Path(args.out) / REPORT, STAGES_HEADING, section)
     elif args.command == "throughput":
         from chemlit.bench.report import REPORT, RESULTS, replace_throughput_section, throughput_markdown
         from chemlit.bench.throughput import run

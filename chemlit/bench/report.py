@@ -416,10 +416,11 @@ def full_report(test_sets: list[TestSet], out: Path, configs: Path, table: str =
         sections.append(text)
         rows.append(summary)
     story = ppo_story(test_sets[0].runs / "ppo")
-    commands = "\n".join(f"    {t.command}" for t in test_sets)
+    commands = "\n".join([f"    {t.command}" for t in test_sets] + chemprop_commands(test_sets))
+    args = _report_args(test_sets) + (f" --without-estimate {without_estimate_minutes:g}" if without_estimate_minutes else "")
     header = [f"# chemlit report: {len(test_sets)} test set{'s' if len(test_sets) > 1 else ''}", "",
               f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. Report made at commit {code_commit()} by:",
-              "", f"    python -m chemlit.bench report {_report_args(test_sets)}", "", "after:", "", commands, ""]
+              "", f"    python -m chemlit.bench report {args}", "", "after:", "", commands, ""]
     parts = ["\n".join(header), summary_table(rows), goals_table(rows, nominal_coverage(configs)), *sections]
     if story:
         parts.append(story)
@@ -436,6 +437,11 @@ def full_report(test_sets: list[TestSet], out: Path, configs: Path, table: str =
     throughput = out / RESULTS / "throughput.json"
     if throughput.exists():
         parts.append(throughput_markdown(json.loads(throughput.read_text())))
+    stages = out / RESULTS / "stages.json"
+    if stages.exists():  # python -m chemlit.bench stages
+        from chemlit.bench.stages import stages_markdown
+
+        parts.append(stages_markdown(json.loads(stages.read_text())))
     report = "\n\n".join(p.rstrip("\n") for p in parts) + "\n"
     (out / RESULTS).mkdir(parents=True, exist_ok=True)
     write_whole(out / REPORT, report)
@@ -478,14 +484,25 @@ def throughput_markdown(summary: dict) -> str:
         f"{ours['generate_tokens_per_second']:.0f} tokens/s on the same prompts.", ""])
 
 
-def replace_throughput_section(path: Path, section: str) -> None:
-    """A report made earlier gets the new throughput section (the rest of it is left as it was)."""
+def replace_section(path: Path, heading: str, section: str) -> None:
+    """A report made earlier gets a new ``section`` in place of the one under ``heading`` (appended where it has
+    none); the rest of it is left as it was."""
     from chemlit.data.files import write_whole
 
     if path.exists():
         text = path.read_text(encoding="utf-8")
-        start = text.find(THROUGHPUT_HEADING)
-        write_whole(path, (text[:start] if start >= 0 else text.rstrip("\n") + "\n\n") + section)
+        start = text.find(heading)
+        if start < 0:
+            write_whole(path, text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n")
+            return
+        end = text.find("\n## ", start + len(heading))
+        rest = text[end + 1:] if end >= 0 else ""
+        write_whole(path, text[:start] + section.rstrip("\n") + "\n" + ("\n" + rest if rest else ""))
+
+
+def replace_throughput_section(path: Path, section: str) -> None:
+    """A report made earlier gets the new throughput section (the rest of it is left as it was)."""
+    replace_section(path, THROUGHPUT_HEADING, section)
 
 
 def _throughput_row(name: str, result: dict) -> str:
@@ -514,6 +531,22 @@ def parity_png(path: Path, models: dict, truth: np.ndarray) -> None:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     write_whole(path, buffer.getvalue())
+
+
+def chemprop_commands(test_sets: list[TestSet]) -> list[str]:
+    """The command that made the chemprop answers the report read (one line per setting), where there are any."""
+    from chemlit.eval.chemprop_baseline import RECORD
+
+    by_setting: dict[tuple, list[str]] = {}
+    for t in test_sets:
+        record = t.runs / "chemprop" / RECORD
+        if record.exists():
+            info = json.loads(record.read_text())
+            by_setting.setdefault((info.get("epochs"), info.get("seed"), info.get("table")), []).append(str(t.runs))
+    return [f"    python -m chemlit.bench chemprop --runs {' '.join(runs)} --epochs {epochs}"
+            + (f" --seed {seed}" if seed else "") + (f" --table {table}" if table and table != "builtin" else "")
+            + "   (in an environment with pip install -e '.[chemprop]')"
+            for (epochs, seed, table), runs in by_setting.items()]
 
 
 def _report_args(test_sets: list[TestSet]) -> str:

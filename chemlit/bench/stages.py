@@ -392,6 +392,9 @@ def stages_benchmark(steps: int = 3, warmup: int = 1, small: bool = False, confi
 
 
 # ---------------------------------------------------------------------------------------------- report
+STAGES_HEADING = "## Stage throughput against the fp32 matmul peak"
+
+
 def _throughput_cell(result: dict) -> str:
     cell = f"{result['throughput']:,.0f} {result['unit']}" if result["throughput"] >= 100 \
         else f"{result['throughput']:.1f} {result['unit']}"
@@ -432,7 +435,7 @@ def _where(result: dict) -> str:
 def stages_markdown(summary: dict) -> str:
     """One table per CPU kind: | stage | throughput | step s | GFLOP per step | achieved GFLOP/s | fp32 matmul
     peak on its shapes GFLOP/s | % of peak |, with the machine line, the command and where the FLOPs go."""
-    lines = ["## Stage throughput against the fp32 matmul peak", "",
+    lines = [STAGES_HEADING, "",
              f"Made by: `{summary['command']}` ({summary['date']}). Each stage: the quickstart model "
              "(tiny Llama 3.5M, random weights) in fp32 at the quickstart configs' shapes, the stage's own "
              "LightningModule; step s = median of the timed steps (an optimizer step; PPO: a whole iteration). "
