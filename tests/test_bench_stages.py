@@ -122,3 +122,28 @@ def test_the_table_has_one_row_per_stage_with_percent_of_peak_achieved_over_peak
     assert "Machine: x86_64, 2 cores, torch 2.x (1 threads)" in text
     assert "`python -m chemlit.bench stages --isa both`" in text
     assert "under `ATEN_CPU_CAPABILITY=avx2`" in text
+
+
+def test_a_profiled_steps_time_is_split_into_matmuls_attention_other_ops_and_what_lies_outside_ops():
+    from chemlit.bench.stages import time_by_kind
+
+    ops = {"aten::mm": 1.0, "aten::addmm": 0.5, "aten::bmm": 0.25, "aten::_scaled_dot_product_flash_attention_for_cpu": 0.5,
+           "aten::mul": 0.25, "aten::cat": 0.5,
+           # profiler ranges, not ops: their self time is Python / engine overhead, left to "outside ops"
+           "Optimizer.step#AdamW.step": 0.125, "autograd::engine::evaluate_function: MmBackward0": 0.125}
+    kinds = time_by_kind(ops, wall_seconds=4.0)
+    assert kinds == {"matmul": 1.75, "attention": 0.5, "other ops": 0.75, "outside ops": 1.0}
+    assert sum(kinds.values()) == 4.0
+
+
+def test_the_profiled_step_is_neither_counted_nor_timed(tmp_path):
+    # warm-up, counted, profiled, then 2 timed: 5 steps. The profiled step's matmul self time is positive.
+    clock = StepClock(warmup=1, profile=True)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=5, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[clock], default_root_dir=str(tmp_path))
+    trainer.fit(OneLinear(), train_dataloaders=SameBatch({"x": torch.randn(M, K)}, 5))
+    assert len(clock.seconds) == 2
+    assert clock.count.total == 2 * M * K * N + 2 * N * M * K  # the counted step alone, not the profiled one
+    assert clock.profiled["kinds"]["matmul"] > 0 and clock.profiled["seconds"] > 0
+    assert abs(sum(clock.profiled["kinds"].values()) - clock.profiled["seconds"]) < 1e-9

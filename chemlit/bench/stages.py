@@ -206,14 +206,38 @@ class SameBatch:
         return self.steps
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+OP_KINDS = ("matmul", "attention", "other ops", "outside ops")
+
+
+def time_by_kind(self_seconds: dict[str, float], wall_seconds: float) -> dict[str, float]:
+    """Where a profiled step's time went: {op name: its self CPU seconds (torch.profiler's key averages)} and the
+    step's wall seconds -> seconds in the matmuls (``MATMUL_OPS``), the attention kernels, every other ATen op
+    (elementwise, copies, norms, softmax, the optimizer's arithmetic), and outside ATen ops: the step's wall time
+    less all ATen ops' self time (Python, autograd's engine, Lightning; ranges such as ``Optimizer.step#...`` or
+    ``autograd::engine::...`` are that overhead, not ops, so they count here)."""
+    kinds = dict.fromkeys(OP_KINDS, 0.0)
+    for name, seconds in self_seconds.items():
+        if not name.startswith("aten::"):
+            continue
+        kind = "matmul" if name in MATMUL_OPS else "attention" if "scaled_dot_product" in name else "other ops"
+        kinds[kind] += seconds
+    kinds["outside ops"] = max(wall_seconds - sum(kinds.values()), 0.0)
+    return kinds
+
+
 class StepClock(L.Callback):
     """Training steps (on_train_batch_start -> on_train_batch_end: the whole optimizer step or PPO iteration):
-    the first ``warmup`` untimed, the next one counted (``FlopCount``, untimed), then each timed. With
+    the first ``warmup`` untimed, the next one counted (``FlopCount``, untimed), with ``profile`` the next one
+    under ``torch.profiler`` (untimed: where its time goes, ``time_by_kind``), then each timed. With
     ``phases``: the module's methods of those names are watched (their FLOPs in the counted step) and the
     growth of ``module.phase_seconds`` in each timed step is kept (PPO's PhaseClock)."""
 
-    def __init__(self, warmup: int = 1, phases: tuple[str, ...] = ()):
-        self.warmup, self.phases = warmup, phases
+    def __init__(self, warmup: int = 1, phases: tuple[str, ...] = (), profile: bool = False):
+        self.warmup, self.phases, self.profile = warmup, phases, profile
+        self.first_timed = warmup + 1 + int(profile)
+        self.profiled: Optional[dict] = None  # {"seconds": wall, "kinds": time_by_kind, "ops": top self times}
+        self._profiler = None
         self.step = 0
         self.seconds: list[float] = []
         self.phase_seconds: list[dict[str, float]] = []
@@ -245,6 +269,10 @@ class StepClock(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.step == self.warmup:
             self.count, self.counting = FlopCount().__enter__(), True
+        if self.profile and self.step == self.warmup + 1:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._profiler = profile(activities=[ProfilerActivity.CPU]).__enter__()
         self._phases_before = dict(getattr(pl_module, "phase_seconds", {}))
         self._started = time.perf_counter()
 
@@ -253,7 +281,13 @@ class StepClock(L.Callback):
         if self.counting:
             self.count.__exit__(None, None, None)
             self.counting = False
-        elif self.step > self.warmup:
+        elif self._profiler is not None:
+            self._profiler.__exit__(None, None, None)
+            ops = {e.key: e.self_cpu_time_total / 1e6 for e in self._profiler.key_averages()}
+            top = sorted(((k, v) for k, v in ops.items() if k.startswith("aten::")), key=lambda kv: -kv[1])[:8]
+            self.profiled = {"seconds": elapsed, "kinds": time_by_kind(ops, elapsed), "ops": dict(top)}
+            self._profiler = None
+        elif self.step >= self.first_timed:
             self.seconds.append(elapsed)
             now = getattr(pl_module, "phase_seconds", {})
             self.phase_seconds.append({k: v - self._phases_before.get(k, 0.0) for k, v in now.items()})
@@ -314,13 +348,13 @@ def stage_step(stage: str, settings: dict, model_dir: Path, tokenizer, work: Pat
     data.setup("fit")
     data.tokenizer = tokenizer  # the bench model's: the stage sets the same one again in its setup
     batch = next(iter(data.train_dataloader()))
-    data.train_dataloader = lambda: SameBatch(batch, warmup + 1 + steps)
+    data.train_dataloader = lambda: SameBatch(batch, warmup + 2 + steps)
     module = stage_module(stage, settings["model"], model_dir)
     module.export_dir = str(work / stage / "export")
-    clock = StepClock(warmup, PPO_PHASES if stage == "ppo" else ())
+    clock = StepClock(warmup, PPO_PHASES if stage == "ppo" else (), profile=True)
     clip = {} if stage == "ppo" else {"gradient_clip_val": settings["gradient_clip_val"]}
     trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_epochs=1,
-                        limit_train_batches=warmup + 1 + steps, limit_val_batches=0, logger=False,
+                        limit_train_batches=warmup + 2 + steps, limit_val_batches=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[clock], default_root_dir=str(work / stage), **clip)
     trainer.fit(module, data)
@@ -336,7 +370,12 @@ def summarize_stage(stage: str, batch: dict, clock: StepClock, settings: dict) -
     result = {"stage": stage, "unit": UNITS[stage], "step_seconds": clock.seconds, "median_step_seconds": step_s,
               "flops_per_step": flops, "achieved_gflops_per_s": flops / step_s / 1e9,
               "flops_by_op": count.by_op(), "flops_by_layer": count.by_layer(), "flops_by_pass": dict(count.passes),
-              "peak": matmul_peak(count.shapes), "data": settings["data"]}
+              "peak": matmul_peak(count.shapes), "data": settings["data"], "profiled": clock.profiled}
+    if clock.profiled:  # the matmuls' own rate inside the step: their FLOPs over their profiled time
+        matmul_flops = sum(f for op, f in result["flops_by_op"].items() if op.split(".")[-1] in
+                           ("mm", "addmm", "bmm", "baddbmm"))
+        seconds = clock.profiled["kinds"]["matmul"]
+        result["matmul_gflops_per_s_in_step"] = matmul_flops / seconds / 1e9 if seconds else None
     if stage in ("cpt", "sft"):
         tokens = int(batch["attention_mask"].sum())
         rows, length = batch["input_ids"].shape
@@ -344,7 +383,7 @@ def summarize_stage(stage: str, batch: dict, clock: StepClock, settings: dict) -
                       tokens_per_s=tokens / step_s, molecules_per_s=rows / step_s if stage == "sft" else None)
         result["throughput"] = result["tokens_per_s"] if stage == "cpt" else result["molecules_per_s"]
     else:
-        timed = [r for r in clock.rollouts if r["step"] > clock.warmup]
+        timed = [r for r in clock.rollouts if r["step"] >= clock.first_timed]
         counted = next(r for r in clock.rollouts if r["step"] == clock.warmup)
         samples = counted["samples"]
         phases = {}
@@ -424,6 +463,16 @@ def _where(result: dict) -> str:
             f"Peak from {len(peak['shapes'])} "
             f"of {peak['distinct_shapes']} matmul shapes ({peak['coverage']:.0%} of the FLOPs; batch x m x k x n "
             f"GFLOP/s: {shapes})")
+    profiled = result.get("profiled")
+    if profiled:
+        wall = profiled["seconds"] or 1
+        kinds = ", ".join(f"{kind} {seconds / wall:.0%}" for kind, seconds in profiled["kinds"].items())
+        ops = ", ".join(name.replace("aten::", "") for name in list(profiled["ops"])[:6])
+        rate = result.get("matmul_gflops_per_s_in_step")
+        line += (f". Time of one profiled step ({wall:.2f} s under torch.profiler, untimed): {kinds}; the ATen ops "
+                 f"with the most self time: {ops}"
+                 + (f"; the matmuls ran at {rate:.0f} GFLOP/s inside the step ({rate / peak['gflops_per_s']:.0%} of "
+                    f"the peak)" if rate else ""))
     if result["stage"] == "ppo":
         phases = ", ".join(f"{name} {p['seconds']:.2f} s, {p['flops'] / 1e9:.2f} GFLOP"
                            + (f" ({p['gflops_per_s']:.1f} GFLOP/s)" if p["flops"] else "")
@@ -453,7 +502,8 @@ def stages_markdown(summary: dict) -> str:
             achieved, peak = r["achieved_gflops_per_s"], r["peak"]["gflops_per_s"]
             lines.append(f"| {stage} | {_throughput_cell(r)} | {r['median_step_seconds']:.3f} | "
                          f"{r['flops_per_step'] / 1e9:.2f} | {achieved:.1f} | {peak:.1f} | {100 * achieved / peak:.0f} % |")
-        lines += ["", "Where the FLOPs go:", ""] + [_where(r) for r in run["stages"].values()] + [""]
+        lines += ["", "Where the FLOPs and the time go (what bounds a stage below the peak: the share of its "
+                  "time outside the matmuls):", ""] + [_where(r) for r in run["stages"].values()] + [""]
     return "\n".join(lines)
 
 
