@@ -114,3 +114,41 @@ def test_stacking_and_the_blend_weight_are_fitted_on_one_set_and_scored_on_anoth
     assert 0.3 <= w <= 0.6 and blend_mae(new_model, new_estimate, new_truth, w) < blend_mae(
         new_model, new_estimate, new_truth, 0.0)
     assert fit_blend_weight(estimate, estimate, truth) == 0.0    # a tie goes to the estimate alone
+
+
+def _stage_dir(root, stage, steps, config, train=1000):
+    import json
+
+    import yaml
+
+    (root / stage / "export").mkdir(parents=True)
+    (root / stage / "export" / "chemlit_export.json").write_text(json.dumps({"stage": stage, "global_step": steps}))
+    (root / stage / "version_0").mkdir()
+    (root / stage / "version_0" / "config.yaml").write_text(yaml.safe_dump(config))
+    (root / stage / "data_summary.json").write_text(json.dumps({"splits": {"train": {"molecules": train}}}))
+    return root / stage
+
+
+def test_the_report_says_how_much_each_stage_trained_on(tmp_path):
+    # SFT: steps x batch x accumulation x devices (a run cut short by its time budget shows fewer passes);
+    # PPO: the molecules it logged as rolled out, not its optimizer steps (8 per iteration).
+    from torch.utils.tensorboard import SummaryWriter
+
+    from chemlit.bench.report import seen_sentence, stage_examples
+
+    _stage_dir(tmp_path, "cpt", 10, {"trainer": {"devices": 1}, "data": {"batch_size": 4}})
+    _stage_dir(tmp_path, "sft", 125, {"trainer": {"devices": 2, "accumulate_grad_batches": 2},
+                                      "data": {"batch_size": 8}})
+    ppo = _stage_dir(tmp_path, "ppo", 24, {"trainer": {"devices": 1}, "data": {"batch_size": 16}})
+    writer = SummaryWriter(str(ppo / "version_0"))
+    for i in range(3):
+        writer.add_scalar("ppo/score_mean", 0.5, i)
+        writer.add_scalar("ppo/molecules_seen", 16.0 * (i + 1), i)
+    writer.close()
+    assert stage_examples(tmp_path / "sft")["rows"] == 125 * 8 * 2 * 2
+    assert stage_examples(ppo)["rows"] == 48 and stage_examples(ppo)["iterations"] == 3
+    text = seen_sentence(tmp_path)
+    assert "SFT 125 steps, 4,000 molecules (4.0 passes over the 1,000 training molecules)" in text
+    assert "PPO 3 iterations, 48 molecules rolled out (5% of the training molecules)" in text
+    assert "CPT 10 steps of 4 sequences (40)" in text
+    assert seen_sentence(tmp_path / "nothing") == ""

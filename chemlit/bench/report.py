@@ -32,6 +32,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -181,7 +182,7 @@ def test_set_section(test_set: TestSet, configs: Path, table: str, decodings: di
     text = build_report(predictions, split_file, table, pairs=pairs, evaluated=evaluated, intervals=intervals,
                         notes=[f"Made by `{test_set.command}`{_commit_note(test_set.runs)}; answers by "
                                f"`python -m chemlit predict --config configs/quickstart/sft.yaml` on its exports.",
-                               "", fitted_sentence],
+                               "", seen_sentence(test_set.runs), "", fitted_sentence],
                         heading=f"## {test_set.title}")
     _, test_records, truth, mean, columns = evaluated
     filled = {n: np.where(np.isnan(v), mean, v) for n, v in columns.items()}
@@ -364,6 +365,60 @@ def run_record(runs: Path) -> dict:
 
     path = runs / RUN_RECORD
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _stage_config(stage_dir: Path) -> dict:
+    """The config LightningCLI saved for a stage (its newest version_*), {} where it has none."""
+    import yaml
+
+    configs = sorted(stage_dir.glob("version_*/config.yaml"), key=lambda p: int(p.parent.name.split("_")[-1]))
+    return yaml.safe_load(configs[-1].read_text()) if configs else {}
+
+
+def stage_examples(stage_dir: Path) -> Optional[dict]:
+    """What a finished stage trained on: its optimizer steps (the export's ``global_step``) and the rows they
+    took (steps x batch size x gradient accumulation x devices x nodes, from the stage's saved config), with
+    the run's training molecules (``data_summary.json``). PPO: the molecules it rolled out
+    (``ppo/molecules_seen``) and its iterations. None where the stage has no export."""
+    info_path = stage_dir / "export" / "chemlit_export.json"
+    if not info_path.exists():
+        return None
+    info = json.loads(info_path.read_text())
+    config = _stage_config(stage_dir)
+    trainer, data = config.get("trainer") or {}, config.get("data") or {}
+    summary = stage_dir / "data_summary.json"
+    train = json.loads(summary.read_text())["splits"]["train"]["molecules"] if summary.exists() else None
+    devices = trainer.get("devices")
+    ranks = (devices if isinstance(devices, int) and devices > 0 else 1) * int(trainer.get("num_nodes") or 1)
+    seen = {"stage": info.get("stage", stage_dir.name), "steps": int(info.get("global_step", 0)), "train_molecules": train,
+            "batch_size": data.get("batch_size")}
+    if seen["stage"] == "ppo":
+        scalars = tensorboard_scalars(stage_dir)
+        rolled = scalars.get("ppo/molecules_seen", [])
+        seen.update(rows=int(rolled[-1].value) if rolled else None, iterations=len(scalars.get("ppo/score_mean", [])))
+    elif seen["batch_size"]:
+        seen["rows"] = seen["steps"] * int(seen["batch_size"]) * int(trainer.get("accumulate_grad_batches") or 1) * ranks
+    return seen
+
+
+def seen_sentence(runs: Path) -> str:
+    """One sentence: how much each stage of a run trained on (a time budget cuts a slow machine's stages short)."""
+    parts = []
+    for stage in ("cpt", "sft", "ppo"):
+        seen = stage_examples(runs / stage)
+        if not seen:
+            continue
+        train, rows = seen["train_molecules"], seen.get("rows")
+        if stage == "cpt":
+            parts.append(f"CPT {seen['steps']:,} steps" + (f" of {seen['batch_size']} sequences ({rows:,})" if rows else ""))
+        elif stage == "sft":
+            parts.append(f"SFT {seen['steps']:,} steps, {rows:,} molecules"
+                         + (f" ({rows / train:.1f} passes over the {train:,} training molecules)" if rows and train else "")
+                         if rows else f"SFT {seen['steps']:,} steps")
+        elif rows is not None:
+            parts.append(f"PPO {seen['iterations']:,} iterations, {rows:,} molecules rolled out"
+                         + (f" ({rows / train:.0%} of the training molecules)" if train else ""))
+    return ("What the stages trained on: " + "; ".join(parts) + ".") if parts else ""
 
 
 def _commit_note(runs: Path) -> str:
