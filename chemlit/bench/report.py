@@ -371,8 +371,10 @@ def _stage_config(stage_dir: Path) -> dict:
     """The config LightningCLI saved for a stage (its newest version_*), {} where it has none."""
     import yaml
 
-    configs = sorted(stage_dir.glob("version_*/config.yaml"), key=lambda p: int(p.parent.name.split("_")[-1]))
-    return yaml.safe_load(configs[-1].read_text()) if configs else {}
+    from chemlit.pipeline import newest
+
+    config = newest(stage_dir, "version_*/config.yaml")
+    return yaml.safe_load(config.read_text()) if config else {}
 
 
 def stage_examples(stage_dir: Path) -> Optional[dict]:

@@ -372,8 +372,7 @@ def summarize_stage(stage: str, batch: dict, clock: StepClock, settings: dict) -
               "flops_by_op": count.by_op(), "flops_by_layer": count.by_layer(), "flops_by_pass": dict(count.passes),
               "peak": matmul_peak(count.shapes), "data": settings["data"], "profiled": clock.profiled}
     if clock.profiled:  # the matmuls' own rate inside the step: their FLOPs over their profiled time
-        matmul_flops = sum(f for op, f in result["flops_by_op"].items() if op.split(".")[-1] in
-                           ("mm", "addmm", "bmm", "baddbmm"))
+        matmul_flops = sum(f for op, f in result["flops_by_op"].items() if op.replace(".", "::", 1) in MATMUL_OPS)
         seconds = clock.profiled["kinds"]["matmul"]
         result["matmul_gflops_per_s_in_step"] = matmul_flops / seconds / 1e9 if seconds else None
     if stage in ("cpt", "sft"):
