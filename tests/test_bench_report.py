@@ -162,3 +162,61 @@ def test_ppo_ablations_train_each_variant_from_one_sft_export_and_answer_validat
     assert "validation molecules" in text
     assert "kernel score of the K answers (leave-one-out credit), curriculum 100 → 50 → 25 °C − graded reward" in text
     assert "| graded reward tol/(tol + e), curriculum 100 → 50 → 25 °C | 2 |" in text  # its iterations
+
+
+def test_what_twice_trl_needs_splits_chemlits_median_by_the_profiled_shares():
+    from chemlit.bench.throughput import what_twice_trl_needs
+
+    # The profiled iteration ran 12 s (the profiler's cost), the timed median is 6 s: the matmuls' and attention's
+    # share (6 of 12 s) is taken of the median, 3 s; the rest, 3 s, must fit in 10 / 2 - 3 = 2 s.
+    twice = what_twice_trl_needs(6.0, 10.0, {"matmul": 4.0, "attention": 2.0, "other ops": 4.0, "outside ops": 2.0})
+    assert twice["target_seconds"] == 5.0
+    assert twice["matmul_and_attention_seconds"] == pytest.approx(3.0)
+    assert twice["rest_seconds"] == pytest.approx(3.0)
+    assert twice["rest_cut"] == pytest.approx(1 / 3)
+    assert twice["ratio_with_no_rest"] == pytest.approx(10 / 3)
+    # kernels alone slower than half TRL's: more than all of the rest would have to go
+    assert what_twice_trl_needs(6.0, 10.0, {"matmul": 5.5, "attention": 0.0, "other ops": 0.5,
+                                            "outside ops": 0.0})["rest_cut"] > 1
+
+
+def test_trl_timed_iterations_are_its_steps_after_the_warm_up_not_the_counted_or_profiled_ones():
+    from chemlit.bench.throughput import TRLProcess
+
+    trl = object.__new__(TRLProcess)
+    trl.version, trl.samples = "0.11.4", 128
+    trl.iterations = [{"what": "step", "seconds": 30.0, "rollout_seconds": 9.0, "mean_response_length": 90.0},
+                      {"what": "count", "seconds": 50.0, "rollout_seconds": 9.0, "mean_response_length": 90.0,
+                       "gflop": 1280.0},
+                      {"what": "profile", "seconds": 16.0, "rollout_seconds": 9.0, "mean_response_length": 90.0,
+                       "profiled": {"seconds": 16.0, "kinds": {"matmul": 4.0}}},
+                      {"what": "step", "seconds": 9.0, "rollout_seconds": 3.0, "mean_response_length": 91.0},
+                      {"what": "step", "seconds": 10.0, "rollout_seconds": 3.0, "mean_response_length": 92.0}]
+    result = trl.result()
+    assert result["seconds_per_iteration"] == [9.0, 10.0]
+    assert result["mean_response_length"] == [91.0, 92.0]
+    assert result["gflop"] == 1280.0 and result["profiled"]["seconds"] == 16.0
+
+
+def test_throughput_section_has_one_block_per_cpu_kind_with_the_work_and_what_twice_trl_needs():
+    ours = {"seconds_per_iteration": [6.0, 6.0], "mean_response_length": [90.0, 90.0],
+            "rollout_tokens_per_second": 8000.0, "generate_tokens_per_second": 4000.0, "gflop": 950.0,
+            "profiled": {"seconds": 6.5, "kinds": {"matmul": 3.0, "attention": 0.5, "other ops": 2.5,
+                                                   "outside ops": 0.5}}}
+    theirs = {"trl_version": "0.11.4", "seconds_per_iteration": [9.0, 9.0], "mean_response_length": [90.0, 90.0],
+              "gflop": 1280.0, "profiled": {"seconds": 16.0, "kinds": {"matmul": 4.3, "attention": 1.1,
+                                                                       "other ops": 9.6, "outside ops": 1.0}}}
+    setup = {"model": "tiny", "prompts": 16, "samples_per_prompt": 8, "samples_per_iteration": 128,
+             "max_new_tokens": 96, "ppo_epochs": 2, "minibatches": 4, "timed_iterations": 2, "machine": "m"}
+    native = {"kind": "native", **summarize(setup, ours, theirs)}
+    avx2 = {"kind": "AVX2", **summarize(dict(setup, env={"ATEN_CPU_CAPABILITY": "avx2"}), ours, theirs)}
+    text = throughput_markdown({"command": "python -m chemlit.bench throughput --isa both", "date": "2026-12-05",
+                                "runs": [native, avx2]})
+    assert "Made by: `python -m chemlit.bench throughput --isa both` on 2026-12-05." in text
+    assert "### native: m\n" in text and "### AVX2: m (ATEN_CPU_CAPABILITY=avx2)\n" in text
+    assert text.count("chemlit 950 GFLOP, TRL 1280 GFLOP (1.35x") == 2
+    assert "- TRL (profiled 16.00 s, timed median 9.00 s): matmul 4.30, attention 1.10, other ops 9.60" in text
+    # 4.5 s allowed; matmuls and attention 6 x 3.5 / 6.5 = 3.23 s; the rest 2.77 s must lose 2.77 - 1.27 = 1.50 s
+    assert ("needs chemlit's iteration in 4.50 s. At its median its matmuls and attention take 3.23 s and the rest "
+            "2.77 s, which would have to shrink by 54 % (with no time outside the matmuls and attention: 2.79x TRL)"
+            in text)

@@ -4,7 +4,7 @@
                                        [--scaffold runs/scaffold] [--source runs/source] [--out docs]
                                        [--without-estimate MINUTES]
     python -m chemlit.bench ablations  --runs runs/pipeline [--minutes 8] [--variants ...]
-    python -m chemlit.bench throughput [--out docs] [--trl-dir .bench-trl]
+    python -m chemlit.bench throughput [--out docs] [--trl-dir .bench-trl] [--isa native|avx2|both]
     python -m chemlit.bench ppo-ablations --runs runs/ppo-ablations [--iterations 100] [--variants ...]
     python -m chemlit.bench stages     [--steps 3] [--isa native|avx2|both] [--out docs] [--small]
     python -m chemlit.bench chemprop   --runs runs/pipeline [runs/seed1 ...] [--epochs 30]   (the chemprop extra)
@@ -185,7 +185,12 @@ def main(argv: list[str] | None = None) -> None:
     thr = sub.add_parser("throughput", help="one PPO iteration: chemlit vs TRL 0.11.4")
     thr.add_argument("--out", default="docs")
     thr.add_argument("--trl-dir", default=".bench-trl", help="where TRL 0.11.4 is installed (--no-deps)")
-    thr.add_argument("--iterations", type=int, default=5, help="timed iterations of each, after one warm-up")
+    thr.add_argument("--iterations", type=int, default=5, help="timed iterations of each, after a warm-up, a counted "
+                                                                 "and a profiled one")
+    thr.add_argument("--isa", choices=["native", "avx2", "both"], default="native",
+                     help="avx2, both: (also) in a child process limited to AVX2 (ONEDNN_MAX_CPU_ISA, "
+                          "ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS)")
+    thr.add_argument("--json-out", help="write the result here only (no results/throughput.json, no report section)")
     stg = sub.add_parser("stages", help="CPT tokens/s, SFT molecules/s, PPO samples/s beside the fp32 matmul peak on "
                                         "each stage's shapes (chemlit/bench/stages.py)")
     stg.add_argument("--out", default="docs")
@@ -248,10 +253,15 @@ def main(argv: list[str] | None = None) -> None:
         from chemlit.bench.report import REPORT, RESULTS, replace_throughput_section, throughput_markdown
         from chemlit.bench.throughput import run
 
-        summary = run(Path(args.out) / RESULTS, Path(args.trl_dir), iterations=args.iterations)
-        section = throughput_markdown(summary)
-        print(section)
-        replace_throughput_section(Path(args.out) / REPORT, section)
+        import sys
+
+        summary = run(Path(args.out) / RESULTS, Path(args.trl_dir), args.isa, iterations=args.iterations,
+                      command="python -m chemlit.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+                      json_out=Path(args.json_out) if args.json_out else None)
+        if not args.json_out:
+            section = throughput_markdown(summary)
+            print(section)
+            replace_throughput_section(Path(args.out) / REPORT, section)
     else:
         from chemlit.bench.report import full_report, test_sets_from_args
 

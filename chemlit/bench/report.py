@@ -514,17 +514,32 @@ def full_report(test_sets: list[TestSet], out: Path, configs: Path, table: str =
     return report
 
 
-def throughput_markdown(summary: dict) -> str:
-    setup, ours, theirs = summary["setup"], summary["chemlit"], summary["trl"]
-    return "\n".join([
-        THROUGHPUT_HEADING + theirs.get("trl_version", "0.11.4"), "",
-        f"Same model ({setup['model']}), {setup['samples_per_iteration']} samples per iteration "
-        f"({setup['prompts']} prompts x {setup['samples_per_prompt']}), up to {setup['max_new_tokens']} new tokens, "
-        f"{setup['ppo_epochs']} PPO epochs x {setup['minibatches']} minibatches; "
-        f"{setup['timed_iterations']} timed iterations after one warm-up"
-        + (", chemlit's and TRL's in turn" if "paired_ratios" in summary else "") + ", samples/s from the median. "
-        f"Made by: `python -m chemlit.bench throughput --iterations {setup['timed_iterations']}`"
-        + (f" on {setup['machine']}" if "machine" in setup else "") + ".", "",
+def throughput_markdown(result: dict) -> str:
+    """The report's throughput section: ``bench throughput``'s result (one run per CPU kind; an older file's single
+    summary is one run)."""
+    runs = result.get("runs", [result])
+    setup, theirs = runs[0]["setup"], runs[0]["trl"]
+    command = result.get("command") or f"python -m chemlit.bench throughput --iterations {setup['timed_iterations']}"
+    lines = [THROUGHPUT_HEADING + theirs.get("trl_version", "0.11.4"), "",
+             f"Same model ({setup['model']}), {setup['samples_per_iteration']} samples per iteration "
+             f"({setup['prompts']} prompts x {setup['samples_per_prompt']}), up to {setup['max_new_tokens']} new tokens, "
+             f"{setup['ppo_epochs']} PPO epochs x {setup['minibatches']} minibatches; "
+             f"{setup['timed_iterations']} timed iterations after a warm-up"
+             + (", chemlit's and TRL's in turn" if "paired_ratios" in runs[0] else "") + ", samples/s from the median. "
+             f"Made by: `{command}`" + (f" on {result['date']}" if "date" in result else "")
+             + (f" on {setup['machine']}" if len(runs) == 1 and "machine" in setup else "") + ".", ""]
+    for run in runs:
+        if len(runs) > 1:
+            lines += [f"### {run.get('kind', 'native')}: {run['setup'].get('machine', '')}"
+                      + (f" ({', '.join(f'{k}={v}' for k, v in run['setup']['env'].items())})"
+                         if run["setup"].get("env") else ""), ""]
+        lines += _throughput_run(run)
+    return "\n".join(lines)
+
+
+def _throughput_run(summary: dict) -> list[str]:
+    ours, theirs = summary["chemlit"], summary["trl"]
+    lines = [
         "| implementation | median s / iteration | timed iterations (s) | mean response length (tokens) "
         "| samples / s | response tokens / s |", "|---|---|---|---|---|---|",
         _throughput_row("chemlit PPOModule", ours),
@@ -538,7 +553,30 @@ def throughput_markdown(summary: dict) -> str:
            if "response_tokens_per_second" in ours else "")
         + ". Rollout: chemlit "
         f"{ours['rollout_tokens_per_second']:.0f} tokens/s vs the model's own cached `generate` loop "
-        f"{ours['generate_tokens_per_second']:.0f} tokens/s on the same prompts.", ""])
+        f"{ours['generate_tokens_per_second']:.0f} tokens/s on the same prompts.", ""]
+    if "gflop" in ours and "gflop" in theirs:
+        lines += [f"Work per iteration (matmul and attention FLOPs, counted on one untimed iteration each): chemlit "
+                  f"{ours['gflop']:.0f} GFLOP, TRL {theirs['gflop']:.0f} GFLOP ({theirs['gflop'] / ours['gflop']:.2f}x "
+                  "chemlit's: TRL computes every sample's prompt again and cannot share it across a group).", ""]
+    profiled = [(name, r) for name, r in (("chemlit", ours), ("TRL", theirs)) if r.get("profiled")]
+    if profiled:
+        lines += ["Where an iteration's time goes, in seconds (one profiled, untimed iteration each; matmuls = "
+                  "mm/addmm/bmm/baddbmm, other ops = every other ATen op, outside ops = Python, autograd's engine, "
+                  "Lightning). The profiler's cost per op inflates the small ops, the more so the more of them "
+                  "an iteration runs; the matmuls' seconds are the ones to compare:", ""]
+        for name, r in profiled:
+            kinds = r["profiled"]["kinds"]
+            lines.append(f"- {name} (profiled {r['profiled']['seconds']:.2f} s, timed median "
+                         f"{statistics.median(r['seconds_per_iteration']):.2f} s): "
+                         + ", ".join(f"{kind} {v:.2f}" for kind, v in kinds.items()))
+        lines.append("")
+    twice = summary.get("twice_trl")
+    if twice:
+        lines += [f"Twice TRL's samples/s needs chemlit's iteration in {twice['target_seconds']:.2f} s. At its median "
+                  f"its matmuls and attention take {twice['matmul_and_attention_seconds']:.2f} s and the rest "
+                  f"{twice['rest_seconds']:.2f} s, which would have to shrink by {100 * twice['rest_cut']:.0f} % "
+                  f"(with no time outside the matmuls and attention: {twice['ratio_with_no_rest']:.2f}x TRL).", ""]
+    return lines
 
 
 def replace_section(path: Path, heading: str, section: str) -> None:

@@ -3,7 +3,7 @@
     python -m chemlit.bench stages [--steps 3] [--isa native|avx2|both] [--out docs] [--small]
 
 For each stage, real training steps of the quickstart model (the 3.5M-parameter tiny Llama of
-``configs/quickstart``, random weights, made and exported by ``throughput.bench_model_and_prompts``)
+``configs/quickstart``, random weights, made and exported by ``bench_model_and_prompts``)
 at the quickstart configs' shapes, in fp32 (``32-true``), through the stage's own LightningModule and
 a Lightning Trainer: CPT and SFT an optimizer step (``training_step``, backward, gradient clipping,
 AdamW), PPO one whole iteration (rollout, scoring, evaluation, ``ppo_epochs`` x ``num_minibatches``
@@ -62,6 +62,27 @@ SMALL = {"cpt": {"batch_size": 2, "max_length": 32}, "sft": {"batch_size": 2, "m
          "ppo": {"batch_size": 2, "ppo": {"samples_per_prompt": 2, "max_new_tokens": 8, "answer_max_new_tokens": 4,
                                           "ppo_epochs": 1, "num_minibatches": 2}}}
 SMALL_MOLECULES = 200  # --small: molecules in each stage's datamodule
+
+
+# ---------------------------------------------------------------------------------------------- the bench model
+def bench_model_and_prompts(directory: Path, prompts: int, samples_per_prompt: int, seed: int = 0):
+    """A tiny model with random weights and a tokenizer trained on the built-in table's texts."""
+    from chemlit.data.datamodule import RationaleDataModule
+    from chemlit.data.tokenizer import train_smiles_tokenizer
+    from chemlit.models.factory import TinyConfig, build_tiny, export_model
+
+    data = RationaleDataModule(stage="rl", batch_size=prompts, run_dir=str(directory / "data"), seed=seed)
+    data.setup("fit")
+    tokenizer = train_smiles_tokenizer(data.tokenizer_corpus(), vocab_size=1024)
+    torch.manual_seed(seed)
+    model = build_tiny(TinyConfig(), len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
+                       tokenizer.eos_token_id)
+    export_model(model, tokenizer, directory / "model", {"stage": "bench"})
+    data.tokenizer = tokenizer
+    batch = data.collate_rl(data.examples("train")[:prompts])
+    ids = [[int(t) for t, m in zip(row, mask) if m] for row, mask in zip(batch["prompt_ids"], batch["prompt_mask"])]
+    (directory / "prompts.json").write_text(json.dumps([p for p in ids for _ in range(samples_per_prompt)]))
+    return data, directory / "model"
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs
@@ -405,7 +426,7 @@ def stages_benchmark(steps: int = 3, warmup: int = 1, small: bool = False, confi
                      stages: tuple[str, ...] = STAGES) -> dict:
     """Every stage of the quickstart at its shapes in this process (its CPU, its threads, its environment)."""
     from chemlit.bench.machine import machine
-    from chemlit.bench.throughput import bench_model_and_prompts, cpu_description
+    from chemlit.bench.machine import cpu_description
     from chemlit.models.factory import TinyConfig
 
     settings = quickstart(configs, small)

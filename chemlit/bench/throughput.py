@@ -28,10 +28,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import lightning as L
 import torch
 
+from chemlit.bench.machine import cpu_description
+from chemlit.bench.stages import AVX2_ENV, StepClock, bench_model_and_prompts
 from chemlit.data.files import write_whole
 
 TRL_INSTALL = "pip install --no-deps --target {trl_dir} trl==0.11.4 tyro docstring_parser shtab typeguard"
@@ -44,43 +47,23 @@ def ensure_trl(trl_dir: Path) -> Path:
     return trl_dir
 
 
-def bench_model_and_prompts(directory: Path, prompts: int, samples_per_prompt: int, seed: int = 0):
-    """A tiny model with random weights and a tokenizer trained on the built-in table's texts."""
-    from chemlit.data.datamodule import RationaleDataModule
-    from chemlit.data.tokenizer import train_smiles_tokenizer
-    from chemlit.models.factory import TinyConfig, build_tiny, export_model
-
-    data = RationaleDataModule(stage="rl", batch_size=prompts, run_dir=str(directory / "data"), seed=seed)
-    data.setup("fit")
-    tokenizer = train_smiles_tokenizer(data.tokenizer_corpus(), vocab_size=1024)
-    torch.manual_seed(seed)
-    model = build_tiny(TinyConfig(), len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
-                       tokenizer.eos_token_id)
-    export_model(model, tokenizer, directory / "model", {"stage": "bench"})
-    data.tokenizer = tokenizer
-    batch = data.collate_rl(data.examples("train")[:prompts])
-    ids = [[int(t) for t, m in zip(row, mask) if m] for row, mask in zip(batch["prompt_ids"], batch["prompt_mask"])]
-    (directory / "prompts.json").write_text(json.dumps([p for p in ids for _ in range(samples_per_prompt)]))
-    return data, directory / "model"
-
-
-class IterationTimer(L.Callback):
-    """Wall time and mean response length (tokens, end token included) of each PPO iteration; after each,
-    ``between()`` runs untimed (the benchmark's TRL iteration)."""
+class PairedClock(StepClock):
+    """``StepClock``'s order (a warm-up, one counted iteration, one profiled, then the timed ones) for chemlit's
+    iterations, each timed one's mean response length, and after each iteration ``between(what)``: TRL's
+    iteration of the same kind ("step", "count" or "profile"), so the two sides alternate."""
 
     def __init__(self, between=None):
-        self.seconds: list[float] = []
-        self.lengths: list[float] = []
+        super().__init__(warmup=1, profile=True)
         self.between = between
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._started = time.perf_counter()
+        self.lengths: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.seconds.append(time.perf_counter() - self._started)
-        self.lengths.append(float(trainer.callback_metrics["ppo/response_length"]))
+        step = self.step
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if step >= self.first_timed:
+            self.lengths.append(float(trainer.callback_metrics["ppo/response_length"]))
         if self.between is not None:
-            self.between()
+            self.between("count" if step == self.warmup else "profile" if step == self.warmup + 1 else "step")
 
 
 class TRLProcess:
@@ -106,10 +89,11 @@ class TRLProcess:
             raise SystemExit(f"chemlit bench: the TRL run failed:\n{self.log.read_text()[-3000:]}")
         return json.loads(line)
 
-    def iteration(self) -> None:
-        self.process.stdin.write("step\n")
+    def iteration(self, what: str = "step") -> None:
+        """One iteration: "step" (timed), "count" (its FLOPs counted) or "profile" (where its time goes)."""
+        self.process.stdin.write(what + "\n")
         self.process.stdin.flush()
-        self.iterations.append(self._answer())
+        self.iterations.append({"what": what, **self._answer()})
 
     def close(self) -> None:
         if self.process.stdin and not self.process.stdin.closed:
@@ -118,9 +102,11 @@ class TRLProcess:
         self._stderr.close()
 
     def result(self) -> dict:
-        """The timed iterations (the first is the warm-up), in the shape ``summarize`` reads."""
-        timed = self.iterations[1:]
-        return {"trl_version": self.version, "samples": self.samples,
+        """The timed iterations (the first "step" is the warm-up) and the counted and profiled ones, in the shape
+        ``summarize`` reads."""
+        timed = [i for i in self.iterations if i["what"] == "step"][1:]
+        extra = {key: i[key] for i in self.iterations for key in ("gflop", "profiled") if key in i}
+        return {"trl_version": self.version, "samples": self.samples, **extra,
                 "seconds_per_iteration": [i["seconds"] for i in timed],
                 "rollout_seconds": [i["rollout_seconds"] for i in timed],
                 "mean_response_length": [i["mean_response_length"] for i in timed]}
@@ -128,7 +114,8 @@ class TRLProcess:
 
 def chemlit_iterations(data, model_dir: Path, samples_per_prompt: int, max_new_tokens: int, ppo_epochs: int,
                        minibatches: int, iterations: int, between=None) -> dict:
-    """chemlit's PPO iterations (the first a warm-up), ``between()`` after each; then rollout and generate alone."""
+    """chemlit's PPO iterations (a warm-up, a counted and a profiled one, then ``iterations`` timed), ``between(what)``
+    after each; then rollout and generate alone."""
     from chemlit.models.factory import ModelSpec
     from chemlit.rl.kl import KLSpec
     from chemlit.stages.ppo import PPOModule, PPOSpec
@@ -138,11 +125,11 @@ def chemlit_iterations(data, model_dir: Path, samples_per_prompt: int, max_new_t
                        ppo=PPOSpec(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
                                    ppo_epochs=ppo_epochs, num_minibatches=minibatches),
                        kl=KLSpec(coef=0.02, kind="k1"))
-    timer = IterationTimer(between)
+    clock = PairedClock(between)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=iterations + 1,
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=clock.first_timed + iterations,
                             limit_val_batches=0, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[clock],
                             default_root_dir=tmp)
         module.export_dir = os.path.join(tmp, "export")
         trainer.fit(module, data)
@@ -164,7 +151,8 @@ def chemlit_iterations(data, model_dir: Path, samples_per_prompt: int, max_new_t
     generate_seconds = time.perf_counter() - started
     generated = out[:, batch["prompt_ids"].size(1):]
     generate_tokens = int(((generated != module.tokenizer.pad_token_id)).sum())
-    return {"seconds_per_iteration": timer.seconds[1:], "mean_response_length": timer.lengths[1:],
+    return {"seconds_per_iteration": clock.seconds, "mean_response_length": clock.lengths,
+            "gflop": clock.count.total / 1e9, "profiled": clock.profiled,
             "rollout_tokens_per_second": rollout_tokens / rollout_seconds,
             "generate_tokens_per_second": generate_tokens / generate_seconds}
 
@@ -181,23 +169,33 @@ def summarize(setup: dict, ours: dict, theirs: dict) -> dict:
         tokens = samples * sum(result["mean_response_length"])
         result["response_tokens_per_second"] = tokens / sum(result["seconds_per_iteration"])
     paired = [t / c for c, t in zip(ours["seconds_per_iteration"], theirs["seconds_per_iteration"])]
-    return {"setup": setup, "chemlit": ours, "trl": theirs, "paired_ratios": paired,
-            "ratio_chemlit_over_trl": statistics.median(paired),
-            "ratio_of_median_samples_per_second": ours["samples_per_second"] / theirs["samples_per_second"]}
+    summary = {"setup": setup, "chemlit": ours, "trl": theirs, "paired_ratios": paired,
+               "ratio_chemlit_over_trl": statistics.median(paired),
+               "ratio_of_median_samples_per_second": ours["samples_per_second"] / theirs["samples_per_second"]}
+    if "profiled" in ours and ours["profiled"]:
+        summary["twice_trl"] = what_twice_trl_needs(statistics.median(ours["seconds_per_iteration"]),
+                                                    statistics.median(theirs["seconds_per_iteration"]),
+                                                    ours["profiled"]["kinds"])
+    return summary
 
 
-def cpu_description() -> str:
-    """The machine as the ratio depends on it: the bench report's machine line, the vector ISA torch uses, bf16 units."""
-    from chemlit.bench.machine import machine
-    from chemlit.hardware import cpu_facts
+def what_twice_trl_needs(ours_seconds: float, theirs_seconds: float, kinds: dict[str, float]) -> dict:
+    """What twice TRL's samples/s asks of chemlit's iteration, from its median seconds and where one profiled
+    iteration's time went (``time_by_kind``): the iteration may take half TRL's median; its matmuls and attention
+    (at their share of the profiled iteration) stay; the rest (other ATen ops, Python and autograd's engine)
+    has to fit in what is left. ``rest_cut`` is the fraction of the rest that would have to go (above 1: even
+    with no time outside the matmuls and attention, the iteration is too slow)."""
+    profiled = sum(kinds.values())
+    kernels = ours_seconds * (kinds["matmul"] + kinds["attention"]) / profiled
+    rest, target = ours_seconds - kernels, theirs_seconds / 2
+    return {"target_seconds": target, "matmul_and_attention_seconds": kernels, "rest_seconds": rest,
+            "rest_cut": (rest - (target - kernels)) / rest if rest > 0 else 0.0,
+            "ratio_with_no_rest": theirs_seconds / kernels}
 
-    facts = cpu_facts()
-    return f"{machine()}, {facts.aten_capability}, {'with' if facts.has_bf16_units else 'no'} bf16 units, fp32"
 
-
-def run(out_dir: Path, trl_dir: Path, prompts: int = 16, samples_per_prompt: int = 8, max_new_tokens: int = 96,
-        ppo_epochs: int = 2, minibatches: int = 4, iterations: int = 5) -> dict:
-    ensure_trl(trl_dir)
+def measure(prompts: int, samples_per_prompt: int, max_new_tokens: int, ppo_epochs: int, minibatches: int,
+            iterations: int, trl_dir: Path) -> dict:
+    """The paired measurement in this process (its CPU, its threads, its environment)."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data, model_dir = bench_model_and_prompts(tmp, prompts, samples_per_prompt)
@@ -213,8 +211,33 @@ def run(out_dir: Path, trl_dir: Path, prompts: int = 16, samples_per_prompt: int
              "samples_per_iteration": prompts * samples_per_prompt, "max_new_tokens": max_new_tokens,
              "ppo_epochs": ppo_epochs, "minibatches": minibatches, "timed_iterations": iterations,
              "torch_threads": torch.get_num_threads(), "order": "alternating: chemlit i, then TRL i",
-             "machine": cpu_description()}
-    summary = summarize(setup, ours, theirs)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_whole(out_dir / "throughput.json", json.dumps(summary, indent=2) + "\n")
-    return summary
+             "machine": cpu_description(), "env": {k: os.environ[k] for k in AVX2_ENV if k in os.environ}}
+    return summarize(setup, ours, theirs)
+
+
+def child_measure(iterations: int, trl_dir: Path, env: dict[str, str]) -> dict:
+    """The measurement in a new process with ``env`` added (ATen reads its CPU capability once, at import)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "throughput.json"
+        subprocess.run([sys.executable, "-m", "chemlit.bench", "throughput", "--isa", "native", "--json-out", str(out),
+                        "--iterations", str(iterations), "--trl-dir", str(trl_dir)],
+                       env=dict(os.environ, **env), check=True)
+        return json.loads(out.read_text())["runs"][0]
+
+
+def run(out_dir: Path, trl_dir: Path, isa: str = "native", prompts: int = 16, samples_per_prompt: int = 8,
+        max_new_tokens: int = 96, ppo_epochs: int = 2, minibatches: int = 4, iterations: int = 5,
+        command: str = "", json_out: Optional[Path] = None) -> dict:
+    """The native and/or AVX2-limited measurement, written to ``json_out`` or ``out_dir``/throughput.json."""
+    ensure_trl(trl_dir)
+    runs = []
+    if isa in ("native", "both"):
+        runs.append({"kind": "native", **measure(prompts, samples_per_prompt, max_new_tokens, ppo_epochs,
+                                                 minibatches, iterations, trl_dir)})
+    if isa in ("avx2", "both"):
+        runs.append({**child_measure(iterations, trl_dir, AVX2_ENV), "kind": "AVX2"})
+    result = {"command": command, "date": time.strftime("%Y-%m-%d"), "runs": runs}
+    path = json_out or out_dir / "throughput.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_whole(path, json.dumps(result, indent=2) + "\n")
+    return result
