@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -209,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     cpr.add_argument("--epochs", type=int, default=30, help="training epochs; the best on validation answers")
     cpr.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    command = "python -m chemlit.bench " + " ".join(sys.argv[1:] if argv is None else argv)  # as the records give it
     from chemlit.cli import quiet_known_noise
 
     quiet_known_noise()
@@ -233,14 +235,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"chemlit bench chemprop: wrote {write_run_predictions(run_dir, args.table, args.epochs, args.seed)}")
             made[digest] = run_dir
     elif args.command == "stages":
-        import sys
-
         from chemlit.bench.report import RESULTS
         from chemlit.bench.stages import run as run_stages, stages_markdown
 
         summary = run_stages(Path(args.out) / RESULTS, args.isa, args.steps, args.warmup, args.small, Path(args.configs),
-                             "python -m chemlit.bench " + " ".join(sys.argv[1:] if argv is None else argv),
-                             Path(args.json_out) if args.json_out else None)
+                             command, Path(args.json_out) if args.json_out else None)
         if not args.json_out:
             from chemlit.bench.report import REPORT, replace_section
             from chemlit.bench.stages import STAGES_HEADING
@@ -253,11 +252,8 @@ def main(argv: list[str] | None = None) -> None:
         from chemlit.bench.report import REPORT, RESULTS, replace_throughput_section, throughput_markdown
         from chemlit.bench.throughput import run
 
-        import sys
-
         summary = run(Path(args.out) / RESULTS, Path(args.trl_dir), args.isa, iterations=args.iterations,
-                      command="python -m chemlit.bench " + " ".join(sys.argv[1:] if argv is None else argv),
-                      json_out=Path(args.json_out) if args.json_out else None)
+                      command=command, json_out=Path(args.json_out) if args.json_out else None)
         if not args.json_out:
             section = throughput_markdown(summary)
             print(section)

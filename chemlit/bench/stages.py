@@ -425,8 +425,7 @@ def summarize_stage(stage: str, batch: dict, clock: StepClock, settings: dict) -
 def stages_benchmark(steps: int = 3, warmup: int = 1, small: bool = False, configs: Path = Path("configs/quickstart"),
                      stages: tuple[str, ...] = STAGES) -> dict:
     """Every stage of the quickstart at its shapes in this process (its CPU, its threads, its environment)."""
-    from chemlit.bench.machine import machine
-    from chemlit.bench.machine import cpu_description
+    from chemlit.bench.machine import cpu_description, machine
     from chemlit.models.factory import TinyConfig
 
     settings = quickstart(configs, small)
@@ -528,26 +527,34 @@ def stages_markdown(summary: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def child_run(steps: int, warmup: int, small: bool, configs: Path, env: dict[str, str]) -> dict:
-    """The measurement in a new process with ``env`` added (ATen reads its CPU capability once, at import)."""
+def child_run(arguments: list[str], env: dict[str, str]) -> dict:
+    """``python -m chemlit.bench <arguments> --isa native`` in a new process with ``env`` added (ATen reads its CPU
+    capability once, at import): the one run it writes to a ``--json-out`` file."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "stages.json"
-        command = [sys.executable, "-m", "chemlit.bench", "stages", "--isa", "native", "--json-out", str(out),
-                   "--steps", str(steps), "--warmup", str(warmup), "--configs", str(configs)] + (["--small"] if small else [])
+        out = Path(tmp) / "run.json"
+        command = [sys.executable, "-m", "chemlit.bench", *arguments, "--isa", "native", "--json-out", str(out)]
         subprocess.run(command, env=dict(os.environ, **env), check=True)
         return json.loads(out.read_text())["runs"][0]
+
+
+def measure_on_cpu_kinds(isa: str, here: Callable[[], dict], arguments: list[str], path: Path, command: str) -> dict:
+    """``here()`` in this process (isa native, both) and the same benchmark (``arguments``) in a child limited to
+    AVX2 (isa avx2, both), written whole to ``path``: {"command", "date", "runs": [{"kind": ..., ...}]}."""
+    runs = []
+    if isa in ("native", "both"):
+        runs.append({"kind": "native", **here()})
+    if isa in ("avx2", "both"):
+        runs.append({**child_run(arguments, AVX2_ENV), "kind": "AVX2"})
+    summary = {"command": command, "date": time.strftime("%Y-%m-%d"), "runs": runs}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_whole(path, json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def run(out_dir: Path, isa: str = "native", steps: int = 3, warmup: int = 1, small: bool = False,
         configs: Path = Path("configs/quickstart"), command: str = "", json_out: Optional[Path] = None) -> dict:
     """The native and/or AVX2 measurement, written to ``json_out`` or ``out_dir``/stages.json."""
-    runs = []
-    if isa in ("native", "both"):
-        runs.append({"kind": "native", **stages_benchmark(steps, warmup, small, configs)})
-    if isa in ("avx2", "both"):
-        runs.append({**child_run(steps, warmup, small, configs, AVX2_ENV), "kind": "AVX2"})
-    summary = {"command": command, "date": time.strftime("%Y-%m-%d"), "runs": runs}
-    path = json_out or out_dir / "stages.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_whole(path, json.dumps(summary, indent=2) + "\n")
-    return summary
+    arguments = ["stages", "--steps", str(steps), "--warmup", str(warmup), "--configs", str(configs)] \
+        + (["--small"] if small else [])
+    return measure_on_cpu_kinds(isa, lambda: stages_benchmark(steps, warmup, small, configs), arguments,
+                                json_out or out_dir / "stages.json", command)

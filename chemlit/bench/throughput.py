@@ -34,8 +34,7 @@ import lightning as L
 import torch
 
 from chemlit.bench.machine import cpu_description
-from chemlit.bench.stages import AVX2_ENV, StepClock, bench_model_and_prompts
-from chemlit.data.files import write_whole
+from chemlit.bench.stages import AVX2_ENV, StepClock, bench_model_and_prompts, measure_on_cpu_kinds
 
 TRL_INSTALL = "pip install --no-deps --target {trl_dir} trl==0.11.4 tyro docstring_parser shtab typeguard"
 
@@ -215,29 +214,12 @@ def measure(prompts: int, samples_per_prompt: int, max_new_tokens: int, ppo_epoc
     return summarize(setup, ours, theirs)
 
 
-def child_measure(iterations: int, trl_dir: Path, env: dict[str, str]) -> dict:
-    """The measurement in a new process with ``env`` added (ATen reads its CPU capability once, at import)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "throughput.json"
-        subprocess.run([sys.executable, "-m", "chemlit.bench", "throughput", "--isa", "native", "--json-out", str(out),
-                        "--iterations", str(iterations), "--trl-dir", str(trl_dir)],
-                       env=dict(os.environ, **env), check=True)
-        return json.loads(out.read_text())["runs"][0]
-
-
 def run(out_dir: Path, trl_dir: Path, isa: str = "native", prompts: int = 16, samples_per_prompt: int = 8,
         max_new_tokens: int = 96, ppo_epochs: int = 2, minibatches: int = 4, iterations: int = 5,
         command: str = "", json_out: Optional[Path] = None) -> dict:
     """The native and/or AVX2-limited measurement, written to ``json_out`` or ``out_dir``/throughput.json."""
     ensure_trl(trl_dir)
-    runs = []
-    if isa in ("native", "both"):
-        runs.append({"kind": "native", **measure(prompts, samples_per_prompt, max_new_tokens, ppo_epochs,
-                                                 minibatches, iterations, trl_dir)})
-    if isa in ("avx2", "both"):
-        runs.append({**child_measure(iterations, trl_dir, AVX2_ENV), "kind": "AVX2"})
-    result = {"command": command, "date": time.strftime("%Y-%m-%d"), "runs": runs}
-    path = json_out or out_dir / "throughput.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_whole(path, json.dumps(result, indent=2) + "\n")
-    return result
+    arguments = ["throughput", "--iterations", str(iterations), "--trl-dir", str(trl_dir)]
+    return measure_on_cpu_kinds(isa, lambda: measure(prompts, samples_per_prompt, max_new_tokens, ppo_epochs,
+                                                     minibatches, iterations, trl_dir),
+                                arguments, json_out or out_dir / "throughput.json", command)
